@@ -1,0 +1,1 @@
+"""Named experiments: `python run.py exp=<module name>`; see research/registry.py for the format."""

@@ -1,0 +1,73 @@
+"""Checkpoints on disk: atomic writes, a rolling window, and loading the newest.
+
+A checkpoint is `TrainState.state_dict()` plus the resolved config, written to a
+temporary file and renamed into place, so a crash during a save never damages the
+checkpoint before it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from research.errors import UserError
+
+CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)\.pt$")
+
+
+def checkpoint_path(folder: Path, step: int) -> Path:
+    return Path(folder) / f"step_{step:08d}.pt"
+
+
+def save_checkpoint(payload: dict, path: Path) -> Path:
+    """Write atomically: temp file in the same folder, fsync, rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        os.fsync(dir_fd)
+        os.close(dir_fd)
+    except OSError:
+        pass
+    return path
+
+
+def list_checkpoints(folder: Path) -> list[Path]:
+    """Complete checkpoints in a folder, oldest first (temporary files are ignored)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def prune_checkpoints(folder: Path, keep: int) -> None:
+    """Keep the newest `keep` checkpoints; also clear temporaries left by a killed save."""
+    for stale in Path(folder).glob(".step_*.pt.tmp-*"):
+        stale.unlink(missing_ok=True)
+    if keep > 0:
+        for old in list_checkpoints(folder)[:-keep]:
+            old.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint not found: {path}") from None
+    except Exception as err:  # a damaged file: say which one
+        raise UserError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); use an earlier one") from None
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    found = list_checkpoints(folder)
+    return found[-1] if found else None

@@ -1,0 +1,235 @@
+"""Every knob of a run, defined once with a one-line comment.
+
+The dataclasses are the schema of an OmegaConf structured config: `key=value`
+overrides are type-checked against them, and unknown keys are refused. Each
+component takes only its own section (`DataConfig`, `ModelConfig`, ...).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from research.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "results"
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/shakespeare.jsonl.gz"  # JSONL or JSONL.gz, one {"text": ...} per line
+    text_key: str = "text"  # JSON field holding the document text
+    tokenizer: str = "data/tokenizer"  # folder loadable by AutoTokenizer.from_pretrained
+    seq_len: int = 256  # tokens per training sequence (the model sees seq_len, predicts seq_len)
+    packing: bool = True  # true: join documents with EOS into full windows; false: one padded document per row
+    val_fraction: float = 0.05  # share of documents held out for validation (a fixed split, whatever the seed)
+    skip_bad_lines: bool = False  # skip malformed JSON lines (and count them) instead of stopping
+    cache_dir: str = "results/cache"  # where tokenized corpora are cached, keyed by data + tokenizer digest
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 6400  # must be >= the tokenizer's vocabulary
+    hidden_size: int = 512  # width of the residual stream
+    num_layers: int = 8  # transformer blocks
+    num_heads: int = 8  # query heads
+    num_kv_heads: int = 2  # key/value heads (grouped-query attention); must divide num_heads
+    intermediate_size: int = 0  # SwiGLU width; 0 = 8/3 * hidden_size rounded up to a multiple of 64
+    max_position_embeddings: int = 32768  # longest sequence RoPE is set up for
+    rope_theta: float = 1e6  # RoPE base
+    norm_eps: float = 1e-5  # RMSNorm epsilon
+    dropout: float = 0.0  # dropout on attention and residual branches
+    tie_embeddings: bool = True  # share the input embedding with the output head
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  # optimizer steps
+    batch_size: int = 16  # sequences per micro-batch, per rank
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 1e-3  # peak learning rate
+    warmup_steps: int = 50  # linear warmup from 0 to lr
+    min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio at max_steps
+    weight_decay: float = 0.1  # AdamW weight decay (not applied to norms and biases)
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 where the hardware runs it fast, else fp32)
+    compile: bool = False  # wrap the model in torch.compile
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
+    eval_every: int = 100  # steps between validation passes; 0 = only at the end
+    eval_batches: int = 20  # validation batches per pass
+    log_every: int = 10  # steps between progress updates and metric flushes
+    checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2  # checkpoints kept per run
+    checkpoint_dir: str = ""  # "" = results/checkpoints/<run id> (set by the runner)
+    resume_from: str = ""  # checkpoint file to continue from (set by `run.py resume=<run_id>`)
+    sample_tokens: int = 120  # tokens generated per sample at the end; 0 = no samples
+    samples: list[str] = field(default_factory=lambda: ["ROMEO:", "To be, or not", "KING HENRY:"])  # prompts
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True  # log to MLflow
+    uri: str = ""  # tracking URI; "" = $MLFLOW_TRACKING_URI, else sqlite:///results/mlflow.db
+    experiment: str = ""  # MLflow experiment name; "" = the named experiment (exp=...)
+    run_name: str = ""  # MLflow run name; "" = MLflow picks one
+
+
+@dataclass
+class SweepConfig:
+    n_trials: int = 0  # total trials of the Optuna study; 0 = a single training run, no study
+    study_name: str = ""  # "" = <experiment>-sweep
+    storage: str = ""  # Optuna storage URL; "" = sqlite:///results/optuna.db
+    pruner: str = "hyperband"  # hyperband | median | none
+    lr_min: float = 1e-4  # lower bound of train.lr (log-uniform)
+    lr_max: float = 1e-2  # upper bound of train.lr
+    warmup_min: int = 0  # lower bound of train.warmup_steps
+    warmup_max: int = 100  # upper bound of train.warmup_steps
+    min_lr_ratio_min: float = 0.0  # lower bound of train.min_lr_ratio
+    min_lr_ratio_max: float = 1.0  # upper bound of train.min_lr_ratio
+
+
+@dataclass
+class Config:
+    exp: str = "baseline"  # named experiment in experiments/ (set by run.py)
+    seed: int = 1337  # seeds model init, data order and sampling
+    out_dir: str = "results"  # where runs write (stores, caches, checkpoints)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
+def valid_keys(node: Any = None, prefix: str = "") -> list[str]:
+    """Every dotted leaf key of the schema, e.g. 'train.lr'."""
+    node = OmegaConf.structured(Config) if node is None else node
+    keys = []
+    for name in node:
+        value = node[name]
+        if isinstance(value, DictConfig):
+            keys += valid_keys(value, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+def _unknown_key_message(key: str) -> str:
+    keys = valid_keys()
+    close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}?" if close else ""
+    section = key.split(".")[0]
+    siblings = [k for k in keys if k.startswith(section + ".")]
+    listing = f"valid keys under '{section}': {', '.join(siblings)}" if siblings else f"valid sections: {', '.join(sorted({k.split('.')[0] for k in keys}))}"
+    return f"unknown config key '{key}'; {hint + ' ' if hint else ''}{listing}"
+
+
+def apply_overrides(cfg: DictConfig, overrides: dict[str, Any] | list[str]) -> DictConfig:
+    """Apply `key=value` strings or a {key: value} dict, turning OmegaConf errors into one-line UserErrors."""
+    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
+    for key, value in items:
+        if key not in valid_keys():
+            raise UserError(_unknown_key_message(key))
+        try:
+            if isinstance(value, str):
+                OmegaConf.update(cfg, key, OmegaConf.from_dotlist([f"x={value}"]).x, merge=False)
+            else:
+                OmegaConf.update(cfg, key, value, merge=False)
+        except (ValidationError, ConfigKeyError, ConfigAttributeError, OmegaConfBaseException) as err:
+            expected = type(OmegaConf.select(OmegaConf.structured(Config), key)).__name__
+            raise UserError(f"bad value for '{key}': {value!r} is not a valid {expected} ({str(err).splitlines()[0]})") from None
+    return cfg
+
+
+def _split(override: str) -> tuple[str, str]:
+    if "=" not in override:
+        raise UserError(f"expected key=value, got '{override}' (e.g. train.lr=3e-4); see `python run.py --help`")
+    key, value = override.split("=", 1)
+    return key.strip(), value
+
+
+def make_config(overrides: dict[str, Any] | list[str] = ()) -> Config:
+    """A typed Config from the defaults plus overrides; what components receive (as DictConfig duck-typed)."""
+    cfg = OmegaConf.structured(Config)
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return cfg
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)
+
+
+def from_yaml(text: str) -> DictConfig:
+    """Load a logged config back onto the schema, so types and unknown keys are checked again."""
+    cfg = OmegaConf.structured(Config)
+    try:
+        loaded = OmegaConf.create(text)
+        return OmegaConf.merge(cfg, loaded)
+    except OmegaConfBaseException as err:
+        raise UserError(f"logged config does not fit this version's schema: {str(err).splitlines()[0]}") from None
+
+
+def flatten(cfg: DictConfig) -> dict[str, Any]:
+    """{'train.lr': 0.001, ...}: how the config is logged as MLflow params."""
+    container = OmegaConf.to_container(cfg, resolve=True)
+    flat: dict[str, Any] = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict):
+                walk(value, f"{prefix}{key}.")
+            else:
+                flat[f"{prefix}{key}"] = value
+
+    walk(container, "")
+    return flat
+
+
+def resolve_path(path: str) -> Path:
+    """Relative paths are taken from the current folder when they exist there, else from the repo root."""
+    candidate = Path(path).expanduser()
+    if candidate.is_absolute() or candidate.exists():
+        return candidate.resolve()
+    return (REPO_ROOT / candidate).resolve()
+
+
+def validate(cfg: DictConfig) -> None:
+    """Catch impossible settings before any work starts."""
+    t, m, d = cfg.train, cfg.model, cfg.data
+    checks = [
+        (t.max_steps > 0, f"train.max_steps must be > 0, got {t.max_steps}"),
+        (t.batch_size > 0, f"train.batch_size must be > 0, got {t.batch_size}"),
+        (t.grad_accum > 0, f"train.grad_accum must be > 0, got {t.grad_accum}"),
+        (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
+        (0 <= t.warmup_steps <= t.max_steps, f"train.warmup_steps must be in [0, train.max_steps={t.max_steps}], got {t.warmup_steps}"),
+        (0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}"),
+        (t.precision in ("auto", "fp32", "bf16", "fp16"), f"train.precision must be auto, fp32, bf16 or fp16, got '{t.precision}'"),
+        (t.eval_every >= 0 and t.log_every > 0, "train.eval_every must be >= 0 and train.log_every > 0"),
+        (m.hidden_size > 0 and m.num_heads > 0 and m.hidden_size % m.num_heads == 0,
+         f"model.num_heads ({m.num_heads}) must divide model.hidden_size ({m.hidden_size})"),
+        (m.num_kv_heads > 0 and m.num_heads % m.num_kv_heads == 0,
+         f"model.num_kv_heads ({m.num_kv_heads}) must divide model.num_heads ({m.num_heads})"),
+        (m.num_layers > 0 and m.vocab_size > 0, "model.num_layers and model.vocab_size must be > 0"),
+        (d.seq_len > 1, f"data.seq_len must be > 1, got {d.seq_len}"),
+        (d.seq_len <= m.max_position_embeddings,
+         f"data.seq_len ({d.seq_len}) exceeds model.max_position_embeddings ({m.max_position_embeddings}); lower data.seq_len or raise the model maximum"),
+        (0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}"),
+        (cfg.sweep.pruner in ("hyperband", "median", "none"), f"sweep.pruner must be hyperband, median or none, got '{cfg.sweep.pruner}'"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    if t.precision == "fp16":
+        import torch
+
+        if t.device == "cpu" or not torch.cuda.is_available():
+            raise UserError("train.precision=fp16 needs a CUDA device (its gradient scaler is CUDA-only); use bf16 or fp32 on CPU")

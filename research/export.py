@@ -1,0 +1,75 @@
+"""Export a trained MiniMind model as a plain transformers Llama checkpoint.
+
+`MiniMindForCausalLM` uses Llama's architecture and parameter names, so the export is a config
+translation plus a strict state-dict load: if any name or shape differed, the load would fail,
+which is the point. The folder then loads anywhere with `AutoModelForCausalLM.from_pretrained(dir)`,
+no `trust_remote_code` and no import of this repo needed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedConfig
+
+from research.errors import UserError
+from research.model import MiniMindConfig, MiniMindForCausalLM
+
+# MiniMindConfig fields and the LlamaConfig fields they become (renamed or restructured where noted).
+_SAME_NAME = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "max_position_embeddings", "hidden_act", "initializer_range",
+    "tie_word_embeddings", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id",
+)
+_HANDLED = set(_SAME_NAME) | {"rms_norm_eps", "rope_theta", "dropout"}
+
+
+def to_llama_config(config: MiniMindConfig) -> LlamaConfig:
+    """The `LlamaConfig` describing the same network.
+
+    `rope_theta` becomes Llama's `rope_parameters={"rope_type": "default", "rope_theta": ...}`.
+    `dropout` is dropped: it only matters in training, and Llama has no residual dropout anyway.
+    Anything else without a Llama equivalent (a non-SiLU activation, or an extra setting added to
+    the config, e.g. `sliding_window=`) is refused with a UserError rather than silently exported
+    as a model that computes something else.
+    """
+    if config.hidden_act != "silu":
+        raise UserError(f"cannot export to Llama: hidden_act={config.hidden_act!r}, but MiniMind's MLP is SwiGLU (silu) only")
+    base_keys = set(PreTrainedConfig().to_dict())
+    extra = sorted(set(config.to_dict()) - base_keys - _HANDLED)
+    if extra:
+        settings = ", ".join(f"{k}={getattr(config, k)!r}" for k in extra)
+        raise UserError(f"cannot export to Llama: no Llama equivalent for config setting(s) {settings}")
+    return LlamaConfig(
+        **{name: getattr(config, name) for name in _SAME_NAME},
+        rms_norm_eps=float(config.rms_norm_eps),
+        rope_parameters={"rope_type": "default", "rope_theta": float(config.rope_theta)},
+        head_dim=config.head_dim,
+        attention_bias=False,
+        mlp_bias=False,
+        attention_dropout=0.0,
+    )
+
+
+def export_llama(model: MiniMindForCausalLM, out_dir, tokenizer=None) -> Path:
+    """Write `model` as a `LlamaForCausalLM` folder (config.json, safetensors weights, generation config,
+    and the tokenizer if given); returns the folder. Weights keep the model's dtype."""
+    llama_config = to_llama_config(model.config)
+    dtype = next(model.parameters()).dtype
+    llama_config.dtype = dtype
+    llama = LlamaForCausalLM(llama_config).to(dtype)
+    ours = model.state_dict()
+    try:
+        llama.load_state_dict(ours, strict=True)
+    except RuntimeError as err:
+        raise UserError(f"cannot export to Llama: parameter names or shapes differ ({str(err).splitlines()[0]} ...)") from None
+    if llama_config.tie_word_embeddings and llama.lm_head.weight is not llama.model.embed_tokens.weight:
+        raise UserError("cannot export to Llama: lm_head is not tied to embed_tokens after loading")
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    llama.save_pretrained(out)  # safetensors is the only format in transformers 5
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out

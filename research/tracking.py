@@ -1,0 +1,216 @@
+"""MLflow tracking: where the store is, and the hook that logs a run into it.
+
+Default store: a SQLite database in results/ with artifacts beside it, so a fresh
+checkout tracks with no server. `MLFLOW_TRACKING_URI` or `tracking.uri` point it
+anywhere else. We use `MlflowClient` with explicit run ids (no fluent global
+"active run"), so sweeps can open parent and child runs side by side.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import mlflow
+import torch
+import transformers
+from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from research.config import REPO_ROOT, flatten, resolve_path, to_yaml
+from research.errors import UserError
+from research.trainer import Hooks, RunInfo, TrainResult
+
+METRIC_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
+PARAM_BATCH = 90  # ... and 100 params
+
+
+def tracking_uri(cfg: DictConfig) -> str:
+    if cfg.tracking.uri:
+        return cfg.tracking.uri
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return f"sqlite:///{resolve_path(cfg.out_dir) / 'mlflow.db'}"
+
+
+def artifact_root(cfg: DictConfig) -> str | None:
+    """Artifacts of the default SQLite store live under results/mlartifacts (None: the server decides)."""
+    uri = tracking_uri(cfg)
+    if uri.startswith("sqlite:///"):
+        return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
+    return None
+
+
+def connect(uri: str) -> MlflowClient:
+    """A client for `uri`, failing fast with one line when the store cannot be reached."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5)
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise UserError(f"MLflow tracking server {uri} is unreachable ({reason}); start it, fix MLFLOW_TRACKING_URI/tracking.uri, or set tracking.enabled=false") from None
+    elif uri.startswith("sqlite:///"):
+        db = Path(uri[len("sqlite:///"):])
+        try:
+            db.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create the MLflow store folder {db.parent} ({err.strerror}); point tracking.uri elsewhere") from None
+        if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
+            raise UserError(f"MLflow store {db} is not writable; fix its permissions or set tracking.uri / MLFLOW_TRACKING_URI to a writable store")
+    return MlflowClient(tracking_uri=uri)
+
+
+def experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=artifact_location)
+    except mlflow.exceptions.MlflowException:  # created meanwhile by another process
+        return client.get_experiment_by_name(name).experiment_id
+
+
+def git_info() -> dict[str, str]:
+    """Commit, dirtiness and diff of the working tree, so a logged run can be traced to code."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=20).stdout
+
+    try:
+        commit = git("rev-parse", "HEAD").strip() or "none"
+        diff = git("diff", "HEAD") if commit != "none" else ""
+        untracked = git("ls-files", "--others", "--exclude-standard").strip()
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": "unknown", "dirty": "unknown", "diff": ""}
+    return {"commit": commit, "dirty": str(bool(diff.strip() or untracked)).lower(), "diff": diff}
+
+
+def run_tags(cfg: DictConfig) -> tuple[dict[str, str], str]:
+    """Tags every run carries, and the working-tree diff (logged as an artifact when non-empty)."""
+    info = git_info()
+    return {
+        "git.commit": info["commit"],
+        "git.dirty": info["dirty"],
+        "experiment": cfg.exp,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "mlflow": mlflow.__version__,
+    }, info["diff"]
+
+
+@contextmanager
+def mlflow_run(cfg: DictConfig, parent_run_id: str | None = None, tags: dict[str, str] | None = None, run_id: str | None = None) -> Iterator[tuple[MlflowClient, str]]:
+    """Open (or reopen, with run_id) a run; end it FINISHED, FAILED or KILLED with the reason as a tag."""
+    client = connect(tracking_uri(cfg))
+    if run_id is None:
+        exp_id = experiment_id(client, cfg.tracking.experiment or cfg.exp, artifact_root(cfg))
+        all_tags = dict(tags or {})
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = client.create_run(exp_id, run_name=cfg.tracking.run_name or None, tags=all_tags)
+        run_id = run.info.run_id
+    else:
+        client.update_run(run_id, status="RUNNING")
+    try:
+        yield client, run_id
+    except KeyboardInterrupt:
+        client.set_tag(run_id, "end_reason", "interrupted")
+        client.set_terminated(run_id, status="KILLED")
+        raise
+    except BaseException as err:
+        client.set_tag(run_id, "end_reason", f"{type(err).__name__}: {err}"[:5000])
+        client.set_terminated(run_id, status="FAILED")
+        raise
+    else:
+        client.set_terminated(run_id, status="FINISHED")
+
+
+class MLflowHook(Hooks):
+    """Logs params, per-step metrics and artifacts of one training run."""
+
+    def __init__(self, client: MlflowClient, run_id: str, log_artifacts: bool = True):
+        self.client = client
+        self.run_id = run_id
+        self.log_model_artifacts = log_artifacts
+        self.buffer: list[Metric] = []
+        self.last_flush = time.monotonic()
+
+    def on_start(self, run: RunInfo) -> None:
+        cfg = run.config
+        if run.start_step == 0:  # a resumed run logged these already
+            params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg).items()]
+            for i in range(0, len(params), PARAM_BATCH):
+                self.client.log_batch(self.run_id, params=params[i : i + PARAM_BATCH])
+            self.client.log_text(self.run_id, to_yaml(cfg), "config.yaml")
+        tags, diff = run_tags(cfg)
+        tags.update({"data.digest": run.data_info.data_digest, "precision": run.derived["precision"], "parameters": str(run.derived["parameters"])})
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        if diff:
+            self.client.log_text(self.run_id, diff, "git_diff.patch")
+
+    def on_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        now_ms = int(time.time() * 1000)
+        for step, values in rows:
+            self.buffer += [Metric(name, float(value), now_ms, step) for name, value in values.items()]
+        if len(self.buffer) >= METRIC_BATCH or time.monotonic() - self.last_flush > 10:
+            self.flush()
+
+    def flush(self) -> None:
+        for i in range(0, len(self.buffer), METRIC_BATCH):
+            self.client.log_batch(self.run_id, metrics=self.buffer[i : i + METRIC_BATCH])
+        self.buffer.clear()
+        self.last_flush = time.monotonic()
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self.flush()  # a resumed run continues after the last logged step, never before it
+        self.client.set_tag(self.run_id, "checkpoint.latest", str(path))
+
+    def on_end(self, result: TrainResult) -> None:
+        self.flush()
+        self.client.log_metric(self.run_id, "final/val_loss", result.final_val_loss, step=result.steps)
+        self.client.set_tag(self.run_id, "wall_time_s", f"{result.wall_time_s:.1f}")
+        if result.samples:
+            text = "\n\n".join(f"### {prompt}\n{completion}" for prompt, completion in result.samples)
+            self.client.log_text(self.run_id, text, "samples.md")
+        if not self.log_model_artifacts:
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            plot = Path(tmp) / "loss_curve.png"
+            plot_loss_curve(result, plot)
+            self.client.log_artifact(self.run_id, str(plot))
+            result.tokenizer.save_pretrained(Path(tmp) / "tokenizer")
+            self.client.log_artifacts(self.run_id, str(Path(tmp) / "tokenizer"), "tokenizer")
+            result.model.save_pretrained(Path(tmp) / "model")
+            result.tokenizer.save_pretrained(Path(tmp) / "model")
+            self.client.log_artifacts(self.run_id, str(Path(tmp) / "model"), "model")
+
+
+def plot_loss_curve(result: TrainResult, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    train = result.curve("train/loss")
+    val = result.curve("val/loss")
+    if train:
+        ax.plot(*zip(*train), label="train", linewidth=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="val")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,391 @@
+"""The pretraining loop: `train(cfg, hooks) -> TrainResult`.
+
+No module-level state: a sweep calls `train` many times in one process. Everything
+the next step depends on lives in one `TrainState` (model, optimizer, scaler, step,
+tokens seen, data position, RNG), so a checkpoint is `state.state_dict()` and a
+resume is `state.load_state_dict(...)`. Tracking, pruning and anything else that
+watches a run plugs in through `Hooks`; rank awareness comes from `distributed`.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from research import distributed
+from research.checkpoint import checkpoint_path, load_checkpoint, prune_checkpoints, save_checkpoint
+from research.config import resolve_path, to_yaml
+from research.data import BatchSampler, build_datasets, eval_batches
+from research.errors import UserError
+from research.hardware import autocast_dtype, device_name, peak_flops, resolve_precision
+from research.model import MiniMindForCausalLM, config_from, flops_per_token, num_params
+from research.schedule import lr_at
+from research.tokenizer import load_tokenizer
+
+
+class Hooks:
+    """Callbacks a run calls on rank 0; subclass and override what you need.
+
+    A hook may raise to stop training (a sweep raises `optuna.TrialPruned` from
+    `on_eval`); the trainer saves nothing further and lets the exception through.
+    """
+
+    def on_start(self, run: "RunInfo") -> None: ...
+
+    def on_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        """Per-step metrics, delivered in batches every `train.log_every` steps: [(step, {name: value})]."""
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None: ...
+
+    def on_checkpoint(self, step: int, path: Path) -> None: ...
+
+    def on_end(self, result: "TrainResult") -> None: ...
+
+
+@dataclass
+class RunInfo:
+    """What a run is, known before the first step: handed to hooks and printed."""
+
+    config: DictConfig
+    model: MiniMindForCausalLM
+    tokenizer: Any
+    data_info: Any
+    derived: dict[str, Any]
+    start_step: int
+
+
+@dataclass
+class TrainResult:
+    final_val_loss: float
+    steps: int
+    tokens_seen: int
+    wall_time_s: float
+    history: list[tuple[int, dict[str, float]]]  # every logged (step, metrics) row, train and val
+    samples: list[tuple[str, str]]  # (prompt, generated text)
+    model: MiniMindForCausalLM
+    tokenizer: Any
+    checkpoint: Path | None
+    derived: dict[str, Any] = field(default_factory=dict)
+    run_id: str | None = None  # the MLflow run, when tracked
+
+    def curve(self, name: str = "train/loss") -> list[tuple[int, float]]:
+        return [(step, row[name]) for step, row in self.history if name in row]
+
+
+@dataclass
+class TrainState:
+    """Everything the next optimizer step depends on."""
+
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    sampler: BatchSampler  # the data position
+    step: int = 0  # optimizer steps taken
+    tokens_seen: int = 0  # training tokens consumed, all ranks
+
+    def state_dict(self) -> dict:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "data": self.sampler.state_dict(),
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "rng": rng_state(),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.sampler.load_state_dict(state["data"])
+        self.step = state["step"]
+        self.tokens_seen = state["tokens_seen"]
+        set_rng_state(state["rng"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, loss_mask: torch.Tensor, normalizer: float | torch.Tensor) -> torch.Tensor:
+    """Sum of per-token cross-entropy where the mask keeps a token, divided by `normalizer` (tokens kept)."""
+    per_token = F.cross_entropy(logits.float().view(-1, logits.size(-1)), labels.view(-1), reduction="none")
+    return (per_token * loss_mask.view(-1).to(per_token.dtype)).sum() / normalizer
+
+
+def build_optimizer(model: torch.nn.Module, cfg: DictConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with weight decay on matrices only (not on norms and biases)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), fused=fused, foreach=None if fused else True)
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, val_ds, cfg: DictConfig, device: torch.device, amp) -> float:
+    """Mean masked loss over the first `train.eval_batches` validation batches (a fixed set)."""
+    was_training = model.training
+    model.eval()
+    total, count = torch.zeros((), device=device), torch.zeros((), device=device)
+    for batch in eval_batches(val_ds, cfg.train.batch_size, cfg.train.eval_batches):
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        with amp():
+            logits = model(batch["input_ids"]).logits
+        total += masked_cross_entropy(logits, batch["labels"], batch["loss_mask"], 1.0)
+        count += batch["loss_mask"].sum()
+    model.train(was_training)
+    return (total / count.clamp(min=1)).item()
+
+
+@torch.no_grad()
+def generate_samples(model: MiniMindForCausalLM, tokenizer, prompts: Sequence[str], max_new_tokens: int, seed: int, device: torch.device) -> list[tuple[str, str]]:
+    """A few seeded samples, generated without touching the training RNG."""
+    if max_new_tokens <= 0:
+        return []
+    was_training = model.training
+    model.eval()
+    samples = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for prompt in prompts:
+            ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            out = model.generate(
+                torch.tensor([ids], device=device),
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                temperature=0.8,
+                top_k=50,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
+            samples.append((prompt, tokenizer.decode(out[0, 1:], skip_special_tokens=True)))
+    model.train(was_training)
+    return samples
+
+
+def describe(derived: dict[str, Any], console: Console) -> None:
+    table = Table(title="run", show_header=False, box=None)
+    for key, value in derived.items():
+        table.add_row(key, f"{value:,}" if isinstance(value, int) else (f"{value:.3g}" if isinstance(value, float) else str(value)))
+    console.print(table)
+
+
+def train(cfg: DictConfig, hooks: Sequence[Hooks] = ()) -> TrainResult:
+    """Pretrain a model as `cfg` says; hooks watch (and may stop) the run."""
+    started = time.perf_counter()
+    env = distributed.setup(cfg.train.device)
+    is_main = env.is_main
+    hooks = list(hooks) if is_main else []
+    console = Console(quiet=not is_main)
+    if cfg.train.threads > 0 and env.device.type == "cpu":
+        torch.set_num_threads(cfg.train.threads)
+    precision = resolve_precision(cfg.train.precision, env.device)
+    amp_dtype = autocast_dtype(precision)
+
+    def amp():
+        return torch.autocast(env.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+
+    # ---- data ----
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if len(tokenizer) > cfg.model.vocab_size:
+        raise UserError(f"tokenizer at {cfg.data.tokenizer} has {len(tokenizer)} tokens but model.vocab_size={cfg.model.vocab_size}; set model.vocab_size>={len(tokenizer)}")
+    train_ds, val_ds, data_info = build_datasets(cfg.data, tokenizer)
+    sampler = BatchSampler(train_ds, cfg.train.batch_size, seed=cfg.seed, rank=env.rank, world_size=env.world_size)
+
+    # ---- model and optimizer (seeded, so every rank starts from the same weights) ----
+    seed_everything(cfg.seed)
+    model_config = config_from(cfg.model, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = MiniMindForCausalLM(model_config).to(env.device)
+    optimizer = build_optimizer(model, cfg, env.device)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
+    state = TrainState(model=model, optimizer=optimizer, scaler=scaler, sampler=sampler)
+    resume_from = cfg.train.get("resume_from", "")
+    if resume_from:
+        payload = load_checkpoint(resolve_path(resume_from))
+        state.load_state_dict(payload["state"])
+    else:
+        seed_everything(cfg.seed + env.rank)  # dropout differs per rank; data order comes from the sampler
+
+    step_model = model
+    if env.is_distributed:
+        step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    if cfg.train.compile:
+        step_model = torch.compile(step_model)
+
+    # ---- derived quantities, printed once ----
+    tokens_per_step = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum * env.world_size
+    flops_token = flops_per_token(model_config, cfg.data.seq_len)
+    peak = peak_flops(env.device, precision, resolve_path(cfg.out_dir) / "cache")
+    derived = {
+        "experiment": cfg.exp,
+        "device": f"{device_name(env.device)} ({env.device.type}, {torch.get_num_threads() if env.device.type == 'cpu' else 1} threads) x {env.world_size} rank(s)",
+        "precision": precision,
+        "parameters": num_params(model),
+        "non-embedding parameters": num_params(model, non_embedding=True),
+        "tokens per step": tokens_per_step,
+        "FLOPs per token": int(flops_token),
+        "total tokens": tokens_per_step * cfg.train.max_steps,
+        "epochs over train split": tokens_per_step * cfg.train.max_steps / max(1, data_info.train_tokens),
+        "train / val tokens": f"{data_info.train_tokens:,} / {data_info.val_tokens:,}",
+        "peak FLOP/s (for MFU)": peak,
+    }
+    describe(derived, console)
+    for hook in hooks:
+        hook.on_start(RunInfo(cfg, model, tokenizer, data_info, derived, state.step))
+
+    checkpoint_dir = resolve_path(cfg.train.checkpoint_dir) if cfg.train.get("checkpoint_dir") else None
+    last_checkpoint: Path | None = None
+
+    def save(step: int) -> None:
+        nonlocal last_checkpoint
+        if checkpoint_dir is None or not is_main:
+            return
+        path = save_checkpoint({"state": state.state_dict(), "config": to_yaml(cfg)}, checkpoint_path(checkpoint_dir, step))
+        prune_checkpoints(checkpoint_dir, cfg.train.keep_checkpoints)
+        last_checkpoint = path
+        for hook in hooks:
+            hook.on_checkpoint(step, path)
+
+    # ---- the loop ----
+    history: list[tuple[int, dict[str, float]]] = []
+    pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # (step, lr, loss, grad_norm), read once per log interval
+    val_loss = float("nan")
+    interval_start, interval_tokens = time.perf_counter(), 0
+    model.train()
+    progress = Progress(
+        TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
+        console=console, disable=not is_main, transient=False,
+    )
+
+    def flush_metrics(step: int) -> None:
+        nonlocal interval_start, interval_tokens
+        if not pending:
+            return
+        losses = torch.stack([p[2] for p in pending])
+        norms = torch.stack([p[3] for p in pending])
+        losses = distributed.mean_over_ranks(losses, env).tolist()
+        norms = norms.tolist()
+        elapsed = time.perf_counter() - interval_start
+        tokens_per_sec = interval_tokens / max(elapsed, 1e-9)
+        mfu = tokens_per_sec * flops_token / peak
+        rows = []
+        for (s, lr, _, _), loss, norm in zip(pending, losses, norms):
+            rows.append((s, {"train/loss": loss, "train/lr": lr, "train/grad_norm": norm}))
+        rows[-1][1].update({"train/tokens_per_sec": tokens_per_sec, "train/mfu": mfu})
+        pending.clear()
+        bad = [(s, r["train/loss"]) for s, r in rows if not math.isfinite(r["train/loss"])]
+        history.extend(rows)
+        for hook in hooks:
+            hook.on_metrics(rows)
+        if bad:
+            raise NonFiniteLoss(bad[0][0], bad[0][1], last_checkpoint)
+        progress.update(task, completed=step, status=f"loss {losses[-1]:.3f}  lr {rows[-1][1]['train/lr']:.2e}  {tokens_per_sec:,.0f} tok/s" + (f"  val {val_loss:.3f}" if math.isfinite(val_loss) else ""))
+        interval_start, interval_tokens = time.perf_counter(), 0
+
+    with progress:
+        task = progress.add_task("train", total=cfg.train.max_steps, completed=state.step, status="")
+        while state.step < cfg.train.max_steps:
+            step = state.step
+            lr = lr_at(step, cfg.train.lr, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            micro_batches = [sampler.next_batch() for _ in range(cfg.train.grad_accum)]
+            kept_tokens = sum(b["loss_mask"].sum().item() for b in micro_batches)  # normalise by all kept tokens of the step
+            step_loss = torch.zeros((), device=env.device)
+            for i, batch in enumerate(micro_batches):
+                batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
+                last_micro = i == len(micro_batches) - 1
+                sync = step_model.no_sync() if env.is_distributed and not last_micro else nullcontext()
+                with sync, amp():
+                    logits = step_model(batch["input_ids"]).logits
+                    loss = masked_cross_entropy(logits, batch["labels"], batch["loss_mask"], max(kept_tokens, 1))
+                scaler.scale(loss).backward()
+                step_loss += loss.detach()
+            scaler.unscale_(optimizer)
+            if cfg.train.grad_clip > 0:
+                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+            else:
+                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.tokens_seen += tokens_per_step
+            interval_tokens += tokens_per_step
+            pending.append((state.step, lr, step_loss, grad_norm.detach()))
+
+            if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
+                flush_metrics(state.step)
+            at_eval = cfg.train.eval_every > 0 and state.step % cfg.train.eval_every == 0
+            if at_eval or state.step == cfg.train.max_steps:
+                flush_metrics(state.step)
+                val_loss = evaluate(model, val_ds, cfg, env.device, amp)
+                val_row = {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50.0))}
+                history.append((state.step, val_row))
+                for hook in hooks:
+                    hook.on_metrics([(state.step, val_row)])
+                    hook.on_eval(state.step, val_row)
+                interval_start = time.perf_counter()  # eval time is not training throughput
+            if cfg.train.checkpoint_every > 0 and state.step % cfg.train.checkpoint_every == 0 and state.step < cfg.train.max_steps:
+                save(state.step)
+        save(state.step)
+
+    samples = generate_samples(model, tokenizer, list(cfg.train.samples), cfg.train.sample_tokens, cfg.seed, env.device) if is_main else []
+    result = TrainResult(
+        final_val_loss=val_loss,
+        steps=state.step,
+        tokens_seen=state.tokens_seen,
+        wall_time_s=time.perf_counter() - started,
+        history=history,
+        samples=samples,
+        model=model,
+        tokenizer=tokenizer,
+        checkpoint=last_checkpoint,
+        derived=derived,
+    )
+    for hook in hooks:
+        hook.on_end(result)
+    distributed.teardown(env)
+    return result
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or inf: training stops at once rather than burn compute on garbage."""
+
+    def __init__(self, step: int, value: float, last_checkpoint: Path | None):
+        self.step = step
+        kept = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was written before it"
+        super().__init__(f"loss became {value} at step {step}; lower train.lr or use train.precision=fp32 ({kept})")

@@ -1,0 +1,100 @@
+"""Entry point: `python run.py exp=NAME key=value ...`.
+
+    python run.py                                  # the baseline experiment
+    python run.py exp=baseline train.max_steps=50  # any key of research/config.py
+    python run.py list                             # experiments and what they do
+    python run.py keys                             # every config key with its default
+    python run.py ui                               # MLflow UI on the results store
+
+Bad input prints one line and exits with status 2 (add --debug for the traceback).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenize once, in the main process
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail in seconds, not minutes, when a server is gone
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Writing model shards" bars between our own output
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach for a model hub
+logging.getLogger("mlflow").setLevel(logging.WARNING)  # keep "creating tables" chatter out of the run output
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
+def usage() -> str:
+    from research import registry
+
+    lines = [__doc__.strip(), "", "experiments:"]
+    width = max(len(n) for n in registry.names())
+    lines += [f"  {name:<{width}}  {registry.description(name)}" for name in registry.names()]
+    return "\n".join(lines)
+
+
+def print_keys() -> None:
+    from omegaconf import OmegaConf
+
+    from research.config import Config, valid_keys
+
+    defaults = OmegaConf.structured(Config)
+    for key in valid_keys():
+        print(f"{key} = {OmegaConf.select(defaults, key)}")
+
+
+def open_ui(args: list[str]) -> int:
+    from omegaconf import OmegaConf
+
+    from research.config import Config
+    from research.tracking import artifact_root, tracking_uri
+
+    cfg = OmegaConf.structured(Config)
+    port = next((a.split("=", 1)[1] for a in args if a.startswith("port=")), "5000")
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(cfg), "--port", port]
+    if artifact_root(cfg):
+        cmd += ["--default-artifact-root", artifact_root(cfg)]
+    print(" ".join(cmd))
+    return subprocess.call(cmd)
+
+
+def main(argv: list[str]) -> int:
+    from research import registry
+
+    args = [a for a in argv if a != "--debug"]
+    if not args or args[0] not in ("list", "keys", "ui", "--help", "-h", "help"):
+        exp = "baseline"
+        overrides = []
+        for arg in args:
+            if arg.startswith("exp="):
+                exp = arg.split("=", 1)[1]
+            else:
+                overrides.append(arg)
+        cfg = registry.build(exp, overrides)
+        from research.runner import run_experiment  # heavy imports (torch, mlflow) only once the config is valid
+
+        run_experiment(cfg)
+        return 0
+    if args[0] == "keys":
+        print_keys()
+    elif args[0] == "ui":
+        return open_ui(args[1:])
+    else:
+        print(usage())
+    return 0
+
+
+if __name__ == "__main__":
+    from research.errors import UserError
+
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except UserError as err:
+        if "--debug" in sys.argv:
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -1,0 +1,54 @@
+"""run.py as a user types it: listings, and one clear line with exit status 2 for bad input."""
+
+from conftest import run_cli
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_list_shows_experiments_with_descriptions():
+    proc = run_cli("list")
+    assert proc.returncode == 0
+    assert "baseline" in proc.stdout and "Shakespeare" in proc.stdout
+    assert run_cli("--help").stdout == proc.stdout
+
+
+def test_keys_lists_required_names():
+    out = run_cli("keys").stdout
+    for key in ["seed", "train.max_steps", "train.batch_size", "train.grad_accum", "train.lr", "train.warmup_steps",
+                "train.min_lr_ratio", "train.precision", "train.eval_every", "model.hidden_size", "model.num_layers",
+                "model.num_heads", "model.num_kv_heads", "model.vocab_size", "data.path", "data.seq_len", "data.packing",
+                "tracking.experiment"]:
+        assert f"{key} = " in out, key
+
+
+def test_unknown_experiment():
+    assert_one_line_error(run_cli("exp=baselin"), "unknown experiment 'baselin'", "did you mean 'baseline'")
+
+
+def test_unknown_key_suggests_the_right_one():
+    assert_one_line_error(run_cli("train.lrr=0.1"), "unknown config key 'train.lrr'", "train.lr", "valid keys under 'train'")
+
+
+def test_wrong_type():
+    assert_one_line_error(run_cli("train.max_steps=ten"), "train.max_steps", "'ten'", "int")
+    assert_one_line_error(run_cli("data.packing=maybe"), "data.packing", "bool")
+
+
+def test_missing_equals_sign():
+    assert_one_line_error(run_cli("train.lr"), "expected key=value")
+
+
+def test_impossible_values_are_caught_before_work():
+    assert_one_line_error(run_cli("train.lr=-1"), "train.lr must be > 0")
+    assert_one_line_error(run_cli("train.warmup_steps=500", "train.max_steps=100"), "warmup_steps")
+    assert_one_line_error(run_cli("train.min_lr_ratio=1.5"), "min_lr_ratio")
+    assert_one_line_error(run_cli("model.num_heads=5"), "num_heads")
+    assert_one_line_error(run_cli("model.num_kv_heads=3"), "num_kv_heads")
+    assert_one_line_error(run_cli("train.precision=fp16", "train.device=cpu"), "fp16 needs a CUDA device")
