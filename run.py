@@ -5,13 +5,17 @@
     python run.py list                             # experiments and what they do
     python run.py keys                             # every config key with its default
     python run.py ui                               # MLflow UI on the results store
+    python run.py resume=<run_id>                  # continue a stopped run from its newest checkpoint
+    python run.py reproduce=<run_id>               # train a logged run again and compare the curves
+    python run.py export run_id=<id> out=<dir>     # a run's model as a Llama folder (AutoModelForCausalLM)
+    python run.py sample run_id=<id> prompt="..."  # generate from a run's model [temperature= top_k= max_new_tokens= seed=]
+    torchrun --nproc_per_node=N run.py exp=NAME    # data-parallel training (train.batch_size is per rank)
 
 Bad input prints one line and exits with status 2 (add --debug for the traceback).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 import subprocess
 import sys
@@ -21,8 +25,6 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail in seconds
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Writing model shards" bars between our own output
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach for a model hub
-logging.getLogger("mlflow").setLevel(logging.WARNING)  # keep "creating tables" chatter out of the run output
-logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
 def usage() -> str:
@@ -63,7 +65,11 @@ def main(argv: list[str]) -> int:
     from research import registry
 
     args = [a for a in argv if a != "--debug"]
-    if not args or args[0] not in ("list", "keys", "ui", "--help", "-h", "help"):
+    if any(a.startswith(("resume=", "reproduce=")) for a in args):
+        from research.reproduce import main as reproduce_main
+
+        return reproduce_main(args)
+    if not args or args[0] not in ("list", "keys", "ui", "export", "sample", "--help", "-h", "help"):
         exp = "baseline"
         overrides = []
         for arg in args:
@@ -80,6 +86,14 @@ def main(argv: list[str]) -> int:
         print_keys()
     elif args[0] == "ui":
         return open_ui(args[1:])
+    elif args[0] == "export":
+        from research.export import main as export_main
+
+        return export_main(args[1:])
+    elif args[0] == "sample":
+        from research.sample import main as sample_main
+
+        return sample_main(args[1:])
     else:
         print(usage())
     return 0

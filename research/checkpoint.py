@@ -2,13 +2,17 @@
 
 A checkpoint is `TrainState.state_dict()` plus the resolved config, written to a
 temporary file and renamed into place, so a crash during a save never damages the
-checkpoint before it.
+checkpoint before it. `StopSignal` turns Ctrl-C / SIGTERM into "finish the step,
+checkpoint, stop" while the training loop runs.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import signal
+import threading
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -20,6 +24,14 @@ CHECKPOINT_PATTERN = re.compile(r"^step_(\d+)\.pt$")
 
 def checkpoint_path(folder: Path, step: int) -> Path:
     return Path(folder) / f"step_{step:08d}.pt"
+
+
+def checkpoint_step(path: Path) -> int:
+    """The optimizer step a checkpoint file was written after (from its name)."""
+    match = CHECKPOINT_PATTERN.match(Path(path).name)
+    if not match:
+        raise ValueError(f"not a checkpoint file name: {path}")
+    return int(match.group(1))
 
 
 def save_checkpoint(payload: dict, path: Path) -> Path:
@@ -46,7 +58,7 @@ def list_checkpoints(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name))]
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := CHECKPOINT_PATTERN.match(p.name)) and p.is_file()]
     return [p for _, p in sorted(found)]
 
 
@@ -71,3 +83,49 @@ def load_checkpoint(path: Path) -> dict:
 def latest_checkpoint(folder: Path) -> Path | None:
     found = list_checkpoints(folder)
     return found[-1] if found else None
+
+
+class StopSignal:
+    """SIGINT / SIGTERM handling for one call of `train()`: installed on entry, the previous handlers restored on exit.
+
+    Outside `at_step_boundaries()` a signal stops at once (KeyboardInterrupt, which the
+    tracker records as KILLED). Inside it the first signal is only noted in `received`,
+    so the loop can finish the step in flight and checkpoint before stopping; a second
+    signal stops at once. Handlers can only be set from the main thread; elsewhere
+    (a sweep running trials in threads) this does nothing.
+    """
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.deferring = False
+        self.previous: dict[int, object] = {}
+
+    def __enter__(self) -> "StopSignal":
+        if threading.current_thread() is threading.main_thread():
+            for sig in self.SIGNALS:
+                self.previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+        self.previous.clear()
+
+    def handle(self, signum: int, frame) -> None:
+        if not self.deferring or self.received is not None:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    @contextmanager
+    def at_step_boundaries(self):
+        self.deferring = True
+        try:
+            yield self
+        finally:
+            self.deferring = False
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.received).name if self.received else ""

@@ -51,7 +51,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     max_steps: int = 1000  # optimizer steps
-    batch_size: int = 16  # sequences per micro-batch, per rank
+    batch_size: int = 16  # sequences per micro-batch, PER RANK: tokens per step = batch_size * seq_len * grad_accum * ranks
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 1e-3  # peak learning rate
     warmup_steps: int = 50  # linear warmup from 0 to lr
@@ -81,14 +81,17 @@ class TrackingConfig:
     uri: str = ""  # tracking URI; "" = $MLFLOW_TRACKING_URI, else sqlite:///results/mlflow.db
     experiment: str = ""  # MLflow experiment name; "" = the named experiment (exp=...)
     run_name: str = ""  # MLflow run name; "" = MLflow picks one
+    log_hf_model: bool = True  # also log the final model as Llama in MLflow's transformers flavor (runs:/<id>/llama)
 
 
 @dataclass
 class SweepConfig:
     n_trials: int = 0  # total trials of the Optuna study; 0 = a single training run, no study
     study_name: str = ""  # "" = <experiment>-sweep
-    storage: str = ""  # Optuna storage URL; "" = sqlite:///results/optuna.db
+    storage: str = ""  # Optuna storage URL (sqlite, postgresql, mysql) or journal:PATH / PATH.journal; "" = sqlite:///<out_dir>/optuna.db
     pruner: str = "hyperband"  # hyperband | median | none
+    prune_after_steps: int = 0  # no trial is stopped before this step (hyperband min_resource, median warmup); 0 = train.eval_every
+    prune_after_trials: int = 3  # median pruner: trials that must finish before it stops any
     lr_min: float = 1e-4  # lower bound of train.lr (log-uniform)
     lr_max: float = 1e-2  # upper bound of train.lr
     warmup_min: int = 0  # lower bound of train.warmup_steps
@@ -135,8 +138,9 @@ def _unknown_key_message(key: str) -> str:
 def apply_overrides(cfg: DictConfig, overrides: dict[str, Any] | list[str]) -> DictConfig:
     """Apply `key=value` strings or a {key: value} dict, turning OmegaConf errors into one-line UserErrors."""
     items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
+    keys = set(valid_keys())  # built once: each call builds the whole schema
     for key, value in items:
-        if key not in valid_keys():
+        if key not in keys:
             raise UserError(_unknown_key_message(key))
         try:
             if isinstance(value, str):

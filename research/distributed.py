@@ -8,6 +8,7 @@ the project asks this module who it is instead of reading the environment itself
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -78,6 +79,17 @@ def broadcast_object(obj, env: DistEnv):
     box = [obj]
     dist.broadcast_object_list(box, src=0)
     return box[0]
+
+
+@contextmanager
+def rank_zero_first(env: DistEnv):
+    """Rank 0 runs the block first (building a shared cache, say); the others run it once it is done,
+    so they find the result instead of racing to build it too."""
+    if env.is_distributed and not env.is_main:
+        dist.barrier()
+    yield
+    if env.is_distributed and env.is_main:
+        dist.barrier()
 
 
 def launched_rank() -> int:

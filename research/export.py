@@ -4,6 +4,11 @@
 translation plus a strict state-dict load: if any name or shape differed, the load would fail,
 which is the point. The folder then loads anywhere with `AutoModelForCausalLM.from_pretrained(dir)`,
 no `trust_remote_code` and no import of this repo needed.
+
+Two ways out: `python run.py export run_id=<id> out=<dir>` writes a logged run's model to a folder,
+and `log_llama_model` logs the same Llama model to MLflow in its transformers flavor at the end of
+every tracked run, so `mlflow.transformers.load_model("runs:/<run id>/llama")` gives a
+text-generation pipeline anywhere.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedConfig
 
 from research.errors import UserError
 from research.model import MiniMindConfig, MiniMindForCausalLM
+
+LOGGED_MODEL_NAME = "llama"  # the MLflow logged model: runs:/<run id>/llama, or models:/<model id>
 
 # MiniMindConfig fields and the LlamaConfig fields they become (renamed or restructured where noted).
 _SAME_NAME = (
@@ -52,9 +59,8 @@ def to_llama_config(config: MiniMindConfig) -> LlamaConfig:
     )
 
 
-def export_llama(model: MiniMindForCausalLM, out_dir, tokenizer=None) -> Path:
-    """Write `model` as a `LlamaForCausalLM` folder (config.json, safetensors weights, generation config,
-    and the tokenizer if given); returns the folder. Weights keep the model's dtype."""
+def to_llama(model: MiniMindForCausalLM) -> LlamaForCausalLM:
+    """The same network as a `LlamaForCausalLM` in memory, holding copies of the weights in the model's dtype."""
     llama_config = to_llama_config(model.config)
     dtype = next(model.parameters()).dtype
     llama_config.dtype = dtype
@@ -66,10 +72,75 @@ def export_llama(model: MiniMindForCausalLM, out_dir, tokenizer=None) -> Path:
         raise UserError(f"cannot export to Llama: parameter names or shapes differ ({str(err).splitlines()[0]} ...)") from None
     if llama_config.tie_word_embeddings and llama.lm_head.weight is not llama.model.embed_tokens.weight:
         raise UserError("cannot export to Llama: lm_head is not tied to embed_tokens after loading")
+    return llama.to(next(model.parameters()).device).eval()
 
+
+def export_llama(model: MiniMindForCausalLM, out_dir, tokenizer=None) -> Path:
+    """Write `model` as a `LlamaForCausalLM` folder (config.json, safetensors weights, generation config,
+    and the tokenizer if given); returns the folder. Weights keep the model's dtype."""
+    llama = to_llama(model)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     llama.save_pretrained(out)  # safetensors is the only format in transformers 5
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
+    for path in out.iterdir():  # the weights come through a private temp file; an export is meant to be shared
+        path.chmod(0o644)
     return out
+
+
+def log_llama_model(client, run_id: str, model: MiniMindForCausalLM, tokenizer, step: int):
+    """Log `model`, as Llama, to run `run_id` as an MLflow logged model in the transformers flavor
+    (a text-generation pipeline: model + tokenizer); returns the `LoggedModel`.
+
+    Uses the given client and run id throughout (mlflow.transformers.log_model would need the global
+    tracking URI and active experiment). Nothing reaches a model hub: the model card is written here,
+    and the requirements are pinned here rather than inferred by loading the model in a subprocess.
+    """
+    import tempfile
+
+    import mlflow.transformers
+    import transformers
+    from huggingface_hub import ModelCard
+    from mlflow.entities import LoggedModelOutput, LoggedModelStatus
+    from mlflow.models import Model
+
+    llama = to_llama(model).cpu()  # refuses (UserError) before anything is logged
+    run = client.get_run(run_id)
+    logged = client.create_logged_model(run.info.experiment_id, name=LOGGED_MODEL_NAME, source_run_id=run_id)
+    card = ModelCard(
+        "---\nlibrary_name: transformers\npipeline_tag: text-generation\ntags: [llama]\n---\n"
+        f"# {run.data.tags.get('experiment', 'experiment')} / run {run_id}\n\n"
+        "A small Llama-architecture causal LM pretrained from scratch. Its config, metrics and code version "
+        f"are in MLflow run {run_id}.\n"
+    )
+    requirements = [f"transformers=={transformers.__version__}", f"torch=={torch.__version__.split('+')[0]}"]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / LOGGED_MODEL_NAME
+        mlflow.transformers.save_model(
+            {"model": llama, "tokenizer": tokenizer},
+            str(folder),
+            task="text-generation",
+            model_card=card,
+            pip_requirements=requirements,
+            mlflow_model=Model(artifact_path=logged.artifact_location, model_uuid=logged.model_id, run_id=run_id, model_id=logged.model_id),
+        )
+        (folder / "LICENSE.txt").unlink(missing_ok=True)  # mlflow's pointer to a hub repository this model never had
+        client.log_model_artifacts(logged.model_id, str(folder))
+    client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])
+    return client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+
+
+def main(args: list[str]) -> int:
+    """`python run.py export run_id=<id> out=<dir>`: a logged run's model as a Llama folder."""
+    from research.artifacts import load_run_model, parse_command
+
+    options, cfg = parse_command("export", args, {"run_id": (str, ...), "out": (str, ...)})
+    out = Path(options["out"]).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"out={out} exists and is not an empty folder; choose a new folder or delete it")
+    model, tokenizer = load_run_model(cfg, options["run_id"])
+    export_llama(model, out, tokenizer)  # refuses (UserError) before writing anything
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"exported run {options['run_id']} as LlamaForCausalLM to {out} ({size / 1e6:.1f} MB); load with AutoModelForCausalLM.from_pretrained('{out}')")
+    return 0

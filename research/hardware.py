@@ -80,8 +80,9 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 
 def measure_matmul_flops(dtype: torch.dtype, device: torch.device, size: int = 1024, repeats: int = 5) -> float:
     """Median FLOP/s of a square matmul: the ceiling MFU is measured against on CPUs."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    generator = torch.Generator(device=device).manual_seed(0)  # its own RNG: measuring must not shift the training RNG
+    a = torch.randn(size, size, device=device, generator=generator).to(dtype)
+    b = torch.randn(size, size, device=device, generator=generator).to(dtype)
     a @ b
     times = []
     for _ in range(repeats):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from typing import Sequence
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from research import distributed, registry
-from research.config import resolve_path
+from research.config import Config, resolve_path
 from research.trainer import Hooks, TrainResult, train
 from research.tracking import MLflowHook, mlflow_run, tracking_uri
 
@@ -23,21 +25,38 @@ def run_experiment(cfg: DictConfig):
 
         return run_sweep(cfg)
     result = run_tracked(cfg)
-    report(cfg, result)
+    if distributed.launched_rank() == 0:  # under torchrun, one report
+        report(cfg, result)
     return result
 
 
-def run_tracked(cfg: DictConfig, hooks: Sequence[Hooks] = (), parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> TrainResult:
-    """One training run, logged to MLflow by rank 0 (other ranks only train)."""
+def run_tracked(
+    cfg: DictConfig, hooks: Sequence[Hooks] = (), parent_run_id: str | None = None, tags: dict[str, str] | None = None, run_id: str | None = None,
+) -> TrainResult:
+    """One training run, logged to MLflow by rank 0 (other ranks only train); `run_id` continues a logged run."""
     if not cfg.tracking.enabled or distributed.launched_rank() != 0:
         return train(cfg, hooks)
-    with mlflow_run(cfg, parent_run_id=parent_run_id, tags=tags) as (client, run_id):
+    with mlflow_run(cfg, parent_run_id=parent_run_id, tags=tags, run_id=run_id) as (client, run_id):
         if not cfg.train.checkpoint_dir:
             cfg.train.checkpoint_dir = str(resolve_path(cfg.out_dir) / "checkpoints" / run_id)
         print_run_header(cfg, run_id)
-        result = train(cfg, [MLflowHook(client, run_id), *hooks])
+        try:
+            result = train(cfg, [MLflowHook(client, run_id), *hooks])
+        except KeyboardInterrupt:
+            print(f"continue this run with: {resume_command(cfg, run_id)}", file=sys.stderr, flush=True)
+            raise
         result.run_id = run_id
     return result
+
+
+def resume_command(cfg: DictConfig, run_id: str) -> str:
+    """The command line that continues a run, naming its store when that is not the default one."""
+    args = [f"resume={run_id}"]
+    defaults = OmegaConf.structured(Config)
+    for key in ("out_dir", "tracking.uri"):
+        if OmegaConf.select(cfg, key) != OmegaConf.select(defaults, key):
+            args.append(f"{key}={OmegaConf.select(cfg, key)}")
+    return "python run.py " + " ".join(shlex.quote(arg) for arg in args)
 
 
 def print_run_header(cfg: DictConfig, run_id: str) -> None:

@@ -8,7 +8,10 @@ anywhere else. We use `MlflowClient` with explicit run ids (no fluent global
 
 from __future__ import annotations
 
+import fcntl
+import logging
 import os
+import shutil
 import subprocess
 import tempfile
 import time
@@ -29,6 +32,11 @@ from research.config import REPO_ROOT, flatten, resolve_path, to_yaml
 from research.errors import UserError
 from research.trainer import Hooks, RunInfo, TrainResult
 
+# mlflow sets up its own loggers when imported; keep "creating tables" chatter out of run output
+logging.getLogger("mlflow").setLevel(logging.WARNING)
+logging.getLogger("alembic").setLevel(logging.WARNING)
+
+CHECKPOINT_ARTIFACT = "checkpoints/latest.pt"  # the newest checkpoint of a run, for resuming it elsewhere
 METRIC_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
 PARAM_BATCH = 90  # ... and 100 params
 
@@ -65,6 +73,9 @@ def connect(uri: str) -> MlflowClient:
             raise UserError(f"cannot create the MLflow store folder {db.parent} ({err.strerror}); point tracking.uri elsewhere") from None
         if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
             raise UserError(f"MLflow store {db} is not writable; fix its permissions or set tracking.uri / MLFLOW_TRACKING_URI to a writable store")
+        with open(db.with_name(db.name + ".lock"), "a") as lock:  # processes creating one fresh store at once race in its migrations
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            return MlflowClient(tracking_uri=uri)
     return MlflowClient(tracking_uri=uri)
 
 
@@ -119,6 +130,8 @@ def mlflow_run(cfg: DictConfig, parent_run_id: str | None = None, tags: dict[str
         run_id = run.info.run_id
     else:
         client.update_run(run_id, status="RUNNING")
+        if "end_reason" in client.get_run(run_id).data.tags:  # left by the stop this reopening continues from
+            client.delete_tag(run_id, "end_reason")
     try:
         yield client, run_id
     except KeyboardInterrupt:
@@ -142,10 +155,14 @@ class MLflowHook(Hooks):
         self.log_model_artifacts = log_artifacts
         self.buffer: list[Metric] = []
         self.last_flush = time.monotonic()
+        self.logged_through: dict[str, int] = {}  # per metric, the last step the store already holds (a reopened run)
+        self.log_hf_model = True
 
     def on_start(self, run: RunInfo) -> None:
         cfg = run.config
-        if run.start_step == 0:  # a resumed run logged these already
+        self.log_hf_model = cfg.tracking.get("log_hf_model", True)
+        self.logged_through = last_logged_steps(self.client, self.run_id)  # a resumed run never logs a step twice
+        if not self.client.get_run(self.run_id).data.params:  # a resumed run logged these already
             params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg).items()]
             for i in range(0, len(params), PARAM_BATCH):
                 self.client.log_batch(self.run_id, params=params[i : i + PARAM_BATCH])
@@ -159,7 +176,7 @@ class MLflowHook(Hooks):
     def on_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
         now_ms = int(time.time() * 1000)
         for step, values in rows:
-            self.buffer += [Metric(name, float(value), now_ms, step) for name, value in values.items()]
+            self.buffer += [Metric(name, float(value), now_ms, step) for name, value in values.items() if step > self.logged_through.get(name, -1)]
         if len(self.buffer) >= METRIC_BATCH or time.monotonic() - self.last_flush > 10:
             self.flush()
 
@@ -170,8 +187,12 @@ class MLflowHook(Hooks):
         self.last_flush = time.monotonic()
 
     def on_checkpoint(self, step: int, path: Path) -> None:
-        self.flush()  # a resumed run continues after the last logged step, never before it
-        self.client.set_tag(self.run_id, "checkpoint.latest", str(path))
+        self.flush()  # metrics first: a resume never starts after the last logged step
+        tags = {"checkpoint.latest": str(path)}
+        if self.log_model_artifacts:  # so that another machine can resume the run
+            log_file_as(self.client, self.run_id, path, CHECKPOINT_ARTIFACT)
+            tags["checkpoint.artifact_step"] = str(step)
+        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
 
     def on_end(self, result: TrainResult) -> None:
         self.flush()
@@ -191,6 +212,31 @@ class MLflowHook(Hooks):
             result.model.save_pretrained(Path(tmp) / "model")
             result.tokenizer.save_pretrained(Path(tmp) / "model")
             self.client.log_artifacts(self.run_id, str(Path(tmp) / "model"), "model")
+        if self.log_hf_model:
+            from research.export import log_llama_model
+
+            try:
+                log_llama_model(self.client, self.run_id, result.model, result.tokenizer, result.steps)
+            except UserError as err:  # a model Llama cannot express still finished training
+                self.client.set_tag(self.run_id, "llama_export", f"skipped: {err}"[:5000])
+
+
+def last_logged_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
+    """{metric name: highest step the run has logged}; empty for a new run."""
+    names = client.get_run(run_id).data.metrics
+    return {name: max(m.step for m in client.get_metric_history(run_id, name)) for name in names}
+
+
+def log_file_as(client: MlflowClient, run_id: str, path: Path, artifact_path: str) -> None:
+    """Log a file under another name, via a hard link beside it (a copy where links fail); replaces an earlier one."""
+    folder, name = os.path.split(artifact_path)
+    with tempfile.TemporaryDirectory(dir=Path(path).parent, prefix=".upload-") as tmp:
+        link = Path(tmp) / name
+        try:
+            os.link(path, link)
+        except OSError:
+            shutil.copyfile(path, link)
+        client.log_artifact(run_id, str(link), folder or None)
 
 
 def plot_loss_curve(result: TrainResult, path: Path) -> None:

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from research import distributed
-from research.checkpoint import checkpoint_path, load_checkpoint, prune_checkpoints, save_checkpoint
+from research.checkpoint import StopSignal, checkpoint_path, load_checkpoint, prune_checkpoints, save_checkpoint
 from research.config import resolve_path, to_yaml
 from research.data import BatchSampler, build_datasets, eval_batches
 from research.errors import UserError
@@ -46,7 +46,7 @@ class Hooks:
     def on_start(self, run: "RunInfo") -> None: ...
 
     def on_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
-        """Per-step metrics, delivered in batches every `train.log_every` steps: [(step, {name: value})]."""
+        """Per-step metrics, delivered in batches every `train.log_every` steps and before each checkpoint: [(step, {name: value})]."""
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None: ...
 
@@ -155,24 +155,37 @@ def build_optimizer(model: torch.nn.Module, cfg: DictConfig, device: torch.devic
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, val_ds, cfg: DictConfig, device: torch.device, amp) -> float:
-    """Mean masked loss over the first `train.eval_batches` validation batches (a fixed set)."""
+def evaluate(model: torch.nn.Module, val_ds, cfg: DictConfig, device: torch.device, amp, env: distributed.DistEnv | None = None) -> float:
+    """Mean masked loss over the first `train.eval_batches` validation batches (a fixed set).
+
+    Like training batches, a validation batch is global: batch_size sequences per rank. Rank r takes
+    micro-batches r, r + world_size, ... and the sums are combined, so 2 ranks of batch_size b see the
+    same sequences, and compute the same loss, as 1 process of batch_size 2b.
+    """
     was_training = model.training
     model.eval()
     total, count = torch.zeros((), device=device), torch.zeros((), device=device)
-    for batch in eval_batches(val_ds, cfg.train.batch_size, cfg.train.eval_batches):
+    rank, world_size = (env.rank, env.world_size) if env else (0, 1)
+    for i, batch in enumerate(eval_batches(val_ds, cfg.train.batch_size, cfg.train.eval_batches * world_size)):
+        if i % world_size != rank:
+            continue
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
         with amp():
             logits = model(batch["input_ids"]).logits
         total += masked_cross_entropy(logits, batch["labels"], batch["loss_mask"], 1.0)
         count += batch["loss_mask"].sum()
     model.train(was_training)
+    if env is not None:  # mean over ranks of the sums: the ratio is that of the global sums
+        total, count = distributed.mean_over_ranks(torch.stack([total, count]), env)
     return (total / count.clamp(min=1)).item()
 
 
 @torch.no_grad()
-def generate_samples(model: MiniMindForCausalLM, tokenizer, prompts: Sequence[str], max_new_tokens: int, seed: int, device: torch.device) -> list[tuple[str, str]]:
-    """A few seeded samples, generated without touching the training RNG."""
+def generate_samples(
+    model: MiniMindForCausalLM, tokenizer, prompts: Sequence[str], max_new_tokens: int, seed: int, device: torch.device,
+    temperature: float = 0.8, top_k: int = 50, streamer=None,
+) -> list[tuple[str, str]]:
+    """A few seeded samples, generated without touching the training RNG (`streamer`: transformers' TextStreamer)."""
     if max_new_tokens <= 0:
         return []
     was_training = model.training
@@ -186,10 +199,11 @@ def generate_samples(model: MiniMindForCausalLM, tokenizer, prompts: Sequence[st
                 torch.tensor([ids], device=device),
                 max_new_tokens=max_new_tokens,
                 do_sample=True,
-                temperature=0.8,
-                top_k=50,
+                temperature=temperature,
+                top_k=top_k,
                 pad_token_id=tokenizer.pad_token_id,
                 eos_token_id=tokenizer.eos_token_id,
+                streamer=streamer,
             )
             samples.append((prompt, tokenizer.decode(out[0, 1:], skip_special_tokens=True)))
     model.train(was_training)
@@ -204,10 +218,22 @@ def describe(derived: dict[str, Any], console: Console) -> None:
 
 
 def train(cfg: DictConfig, hooks: Sequence[Hooks] = ()) -> TrainResult:
-    """Pretrain a model as `cfg` says; hooks watch (and may stop) the run."""
+    """Pretrain a model as `cfg` says; hooks watch (and may stop) the run.
+
+    Ctrl-C or SIGTERM during the loop: the step in flight finishes, a checkpoint is written
+    and KeyboardInterrupt is raised. The signal handlers exist only during this call.
+    """
+    with StopSignal() as stop:
+        return run_training(cfg, hooks, stop)
+
+
+def run_training(cfg: DictConfig, hooks: Sequence[Hooks], stop: StopSignal) -> TrainResult:
     started = time.perf_counter()
     env = distributed.setup(cfg.train.device)
     is_main = env.is_main
+    # rank 0 alone opened the MLflow run and chose where checkpoints go (and what to resume): share it
+    chosen_by_rank_zero = (cfg.train.checkpoint_dir, cfg.train.resume_from)
+    cfg.train.checkpoint_dir, cfg.train.resume_from = distributed.broadcast_object(chosen_by_rank_zero, env)
     hooks = list(hooks) if is_main else []
     console = Console(quiet=not is_main)
     if cfg.train.threads > 0 and env.device.type == "cpu":
@@ -222,7 +248,8 @@ def train(cfg: DictConfig, hooks: Sequence[Hooks] = ()) -> TrainResult:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if len(tokenizer) > cfg.model.vocab_size:
         raise UserError(f"tokenizer at {cfg.data.tokenizer} has {len(tokenizer)} tokens but model.vocab_size={cfg.model.vocab_size}; set model.vocab_size>={len(tokenizer)}")
-    train_ds, val_ds, data_info = build_datasets(cfg.data, tokenizer)
+    with distributed.rank_zero_first(env):  # rank 0 builds the token cache, the others then read it
+        train_ds, val_ds, data_info = build_datasets(cfg.data, tokenizer)
     sampler = BatchSampler(train_ds, cfg.train.batch_size, seed=cfg.seed, rank=env.rank, world_size=env.world_size)
 
     # ---- model and optimizer (seeded, so every rank starts from the same weights) ----
@@ -248,7 +275,8 @@ def train(cfg: DictConfig, hooks: Sequence[Hooks] = ()) -> TrainResult:
     # ---- derived quantities, printed once ----
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum * env.world_size
     flops_token = flops_per_token(model_config, cfg.data.seq_len)
-    peak = peak_flops(env.device, precision, resolve_path(cfg.out_dir) / "cache")
+    with distributed.rank_zero_first(env):  # one CPU measurement, cached, rather than one per rank at once
+        peak = peak_flops(env.device, precision, resolve_path(cfg.out_dir) / "cache")
     derived = {
         "experiment": cfg.exp,
         "device": f"{device_name(env.device)} ({env.device.type}, {torch.get_num_threads() if env.device.type == 'cpu' else 1} threads) x {env.world_size} rank(s)",
@@ -271,7 +299,8 @@ def train(cfg: DictConfig, hooks: Sequence[Hooks] = ()) -> TrainResult:
 
     def save(step: int) -> None:
         nonlocal last_checkpoint
-        if checkpoint_dir is None or not is_main:
+        flush_metrics(step)  # hooks have every row up to `step` before a checkpoint of it exists
+        if checkpoint_dir is None or not is_main or last_checkpoint == checkpoint_path(checkpoint_dir, step):  # none wanted, or saved already
             return
         path = save_checkpoint({"state": state.state_dict(), "config": to_yaml(cfg)}, checkpoint_path(checkpoint_dir, step))
         prune_checkpoints(checkpoint_dir, cfg.train.keep_checkpoints)
@@ -315,15 +344,24 @@ def train(cfg: DictConfig, hooks: Sequence[Hooks] = ()) -> TrainResult:
         progress.update(task, completed=step, status=f"loss {losses[-1]:.3f}  lr {rows[-1][1]['train/lr']:.2e}  {tokens_per_sec:,.0f} tok/s" + (f"  val {val_loss:.3f}" if math.isfinite(val_loss) else ""))
         interval_start, interval_tokens = time.perf_counter(), 0
 
-    with progress:
+    def stop_requested() -> bool:
+        """A signal arrived; with several ranks, on any of them (so all stop after the same step)."""
+        if not env.is_distributed:
+            return stop.received is not None
+        return distributed.mean_over_ranks(torch.tensor(float(stop.received is not None), device=env.device), env).item() > 0
+
+    start_step = state.step
+    with progress, stop.at_step_boundaries():
         task = progress.add_task("train", total=cfg.train.max_steps, completed=state.step, status="")
-        while state.step < cfg.train.max_steps:
+        while state.step < cfg.train.max_steps and not stop_requested():
             step = state.step
             lr = lr_at(step, cfg.train.lr, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             micro_batches = [sampler.next_batch() for _ in range(cfg.train.grad_accum)]
             kept_tokens = sum(b["loss_mask"].sum().item() for b in micro_batches)  # normalise by all kept tokens of the step
+            if env.is_distributed:  # ... of all ranks: DDP averages gradients, so divide by this rank's share of them
+                kept_tokens = distributed.mean_over_ranks(torch.tensor(kept_tokens, device=env.device), env).item()
             step_loss = torch.zeros((), device=env.device)
             for i, batch in enumerate(micro_batches):
                 batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
@@ -352,7 +390,7 @@ def train(cfg: DictConfig, hooks: Sequence[Hooks] = ()) -> TrainResult:
             at_eval = cfg.train.eval_every > 0 and state.step % cfg.train.eval_every == 0
             if at_eval or state.step == cfg.train.max_steps:
                 flush_metrics(state.step)
-                val_loss = evaluate(model, val_ds, cfg, env.device, amp)
+                val_loss = evaluate(model, val_ds, cfg, env.device, amp, env)
                 val_row = {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50.0))}
                 history.append((state.step, val_row))
                 for hook in hooks:
@@ -361,7 +399,13 @@ def train(cfg: DictConfig, hooks: Sequence[Hooks] = ()) -> TrainResult:
                 interval_start = time.perf_counter()  # eval time is not training throughput
             if cfg.train.checkpoint_every > 0 and state.step % cfg.train.checkpoint_every == 0 and state.step < cfg.train.max_steps:
                 save(state.step)
+        if start_step == state.step == cfg.train.max_steps:  # resumed from the final checkpoint: the end still wants a val loss
+            val_loss = evaluate(model, val_ds, cfg, env.device, amp, env)
         save(state.step)
+    if state.step < cfg.train.max_steps:  # stopped by a signal, at a step boundary
+        saved = f"checkpoint {last_checkpoint}" if last_checkpoint else "no checkpoint (train.checkpoint_dir is empty)"
+        console.print(f"{stop.name}: stopped after step {state.step} of {cfg.train.max_steps}; {saved}", soft_wrap=True, markup=False)
+        raise KeyboardInterrupt
 
     samples = generate_samples(model, tokenizer, list(cfg.train.samples), cfg.train.sample_tokens, cfg.seed, env.device) if is_main else []
     result = TrainResult(
@@ -378,6 +422,7 @@ def train(cfg: DictConfig, hooks: Sequence[Hooks] = ()) -> TrainResult:
     )
     for hook in hooks:
         hook.on_end(result)
+    del step_model  # the DDP reducer holds the process group: freeing it after the group is destroyed can deadlock gloo
     distributed.teardown(env)
     return result
 

@@ -32,13 +32,19 @@ TINY = {
 }
 
 
+@pytest.fixture(scope="session")
+def token_cache(tmp_path_factory):
+    """One token cache for the session: entries are keyed by data + tokenizer digest and written atomically."""
+    return str(tmp_path_factory.mktemp("token-cache"))
+
+
 @pytest.fixture
-def tiny_cfg(tmp_path):
+def tiny_cfg(tmp_path, token_cache):
     """Baseline recipe shrunk to seconds, writing everything under tmp_path."""
 
     def make(**overrides):
         values = dict(TINY)
-        values.update({"out_dir": str(tmp_path / "results"), "data.cache_dir": str(tmp_path / "cache")})
+        values.update({"out_dir": str(tmp_path / "results"), "data.cache_dir": token_cache})
         values.update({k.replace("__", "."): v for k, v in overrides.items()})
         return registry.build("baseline", values)
 

@@ -1,0 +1,221 @@
+"""Continue a logged run where it stopped, or run it again from what it logged.
+
+    python run.py resume=<run_id>      # the same MLflow run, from its newest checkpoint
+    python run.py reproduce=<run_id>   # a new run from the logged config, compared with the original
+
+Both start from what the run logged rather than from today's defaults: its config.yaml
+artifact (the whole resolved config, seed included) and its `data.digest` and
+`git.commit` tags. A checkpoint holds everything the next step depends on, so on the
+same machine and thread count a resumed run ends with the very weights and per-step
+losses of an uninterrupted one, and a reproduction repeats the original's curve.
+Overrides that would change the numbers are refused.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from mlflow.entities import Metric, Run, RunTag
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from omegaconf import DictConfig
+
+from research.checkpoint import checkpoint_path, checkpoint_step, list_checkpoints
+from research.config import apply_overrides, from_yaml, make_config, resolve_path, validate
+from research.data import data_digest
+from research.errors import UserError
+from research.runner import report, run_tracked
+from research.tracking import CHECKPOINT_ARTIFACT, connect, git_info, last_logged_steps, tracking_uri
+from research.trainer import TrainResult
+
+# The overrides a resume or a reproduction accepts. Location and bookkeeping keys say where
+# the store, outputs and caches are and how often to log and save: they cannot change a number.
+# Hardware keys can change the low-order bits (another summation order), so they warn.
+LOCATION_KEYS = ("out_dir", "tracking.uri", "data.cache_dir")
+BOOKKEEPING_KEYS = ("train.checkpoint_every", "train.keep_checkpoints", "train.log_every")
+HARDWARE_KEYS = ("train.threads", "train.device")
+ALLOW_DATA_CHANGE = "reproduce.allow_data_change"  # reproduce on data whose digest differs from the logged one
+
+
+def main(args: list[str]) -> int:
+    """`resume=<run_id>` or `reproduce=<run_id>` plus allowed overrides, from the command line."""
+    commands = [arg for arg in args if arg.startswith(("resume=", "reproduce="))]
+    if len(commands) != 1:
+        raise UserError("give exactly one of resume=<run_id> or reproduce=<run_id>")
+    verb, run_id = commands[0].split("=", 1)
+    if not run_id.strip():
+        raise UserError(f"{verb}= needs a run id, e.g. {verb}=<32 hex digits> (python run.py ui lists runs)")
+    rest = [arg for arg in args if arg != commands[0]]
+    return resume(run_id.strip(), rest) if verb == "resume" else reproduce(run_id.strip(), rest)
+
+
+def resume(run_id: str, overrides: list[str] = ()) -> int:
+    """Continue `run_id` inside the same MLflow run from its newest checkpoint; it ends FINISHED.
+
+    A run that already finished is left as it is (one line, exit status 0). A run
+    with no checkpoint anywhere trains again from step 0, in the same run.
+    """
+    allowed, _ = parse_overrides("resume", overrides)
+    client, run, cfg = open_logged_run(run_id, allowed)
+    if run.info.status == "FINISHED":
+        print(f"run {run_id} already finished; nothing to resume")
+        return 0
+    check_data(run, cfg, "resume", allow_change=False)
+    warn_about_differences(run, allowed)
+    folder = resolve_path(cfg.train.checkpoint_dir) if cfg.train.checkpoint_dir else None
+    if folder is None or not folder.is_dir():  # another machine: its own results folder
+        folder = resolve_path(cfg.out_dir) / "checkpoints" / run_id
+    cfg.train.checkpoint_dir = str(folder)
+    start = resume_point(client, run, folder)
+    cfg.train.resume_from = str(start) if start else ""
+    step = checkpoint_step(start) if start else 0
+    where = f"its checkpoint {start}" if start else "step 0 (no checkpoint was found locally or in its artifacts)"
+    print(f"resuming run {run_id} from {where}", flush=True)
+    client.set_tag(run_id, "resumed_from_step", str(step))
+    report(cfg, run_tracked(cfg, run_id=run_id))
+    return 0
+
+
+def reproduce(run_id: str, overrides: list[str] = ()) -> int:
+    """Train `run_id`'s logged config again as a new run tagged `reproduced_from`, and compare the two."""
+    allowed, allow_data_change = parse_overrides("reproduce", overrides)
+    client, run, cfg = open_logged_run(run_id, allowed)
+    check_data(run, cfg, "reproduce", allow_change=allow_data_change)
+    warn_about_differences(run, allowed)
+    cfg.train.checkpoint_dir, cfg.train.resume_from, cfg.tracking.run_name = "", "", ""  # the new run's own
+    cfg.tracking.enabled = True
+    cfg.tracking.experiment = client.get_experiment(run.info.experiment_id).name
+    result = run_tracked(cfg, tags={"reproduced_from": run_id})
+    report(cfg, result)
+    compare_with_original(client, run, result)
+    return 0
+
+
+def parse_overrides(verb: str, overrides: list[str]) -> tuple[dict[str, str], bool]:
+    """({key: value} of the allowed overrides, whether a data change is allowed); any other key is refused."""
+    allowed: dict[str, str] = {}
+    allow_data_change = False
+    accepted = LOCATION_KEYS + BOOKKEEPING_KEYS + HARDWARE_KEYS
+    for item in overrides:
+        if "=" not in item:
+            raise UserError(f"expected key=value after {verb}=<run_id>, got '{item}'")
+        key, value = (part.strip() for part in item.split("=", 1))
+        if verb == "reproduce" and key == ALLOW_DATA_CHANGE:
+            if value.lower() not in ("true", "false"):
+                raise UserError(f"{ALLOW_DATA_CHANGE} must be true or false, got '{value}'")
+            allow_data_change = value.lower() == "true"
+        elif key in accepted:
+            allowed[key] = value
+        else:
+            why = ("to train longer, start a new run with a larger train.max_steps (the learning-rate schedule depends on it)"
+                   if key == "train.max_steps" else "for a variant, start a new run: python run.py exp=NAME key=value")
+            raise UserError(f"{verb}=<run_id> refuses '{key}': the run would silently differ from the logged one; {why} (accepted: {', '.join(accepted)})")
+    return allowed, allow_data_change
+
+
+def open_logged_run(run_id: str, overrides: dict[str, str]) -> tuple[MlflowClient, Run, DictConfig]:
+    """The run and its logged config (with the allowed overrides), from the store the overrides point at."""
+    uri = tracking_uri(make_config(overrides))
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
+        raise UserError(f"no MLflow store at {uri}; point out_dir, tracking.uri or MLFLOW_TRACKING_URI at the store that holds run {run_id}")
+    client = connect(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException:
+        raise UserError(f"no run '{run_id}' in the MLflow store {uri}; check the id (python run.py ui), or point out_dir, tracking.uri or MLFLOW_TRACKING_URI at the store that holds it") from None
+    if run.info.lifecycle_stage == "deleted":
+        raise UserError(f"run {run_id} is deleted in {uri}; restore it in the MLflow UI first")
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            text = Path(client.download_artifacts(run_id, "config.yaml", tmp)).read_text()
+        except (MlflowException, OSError):
+            raise UserError(f"run {run_id} has no config.yaml artifact (a sweep's parent, or a run not logged by this trainer); pick a training run") from None
+    cfg = from_yaml(text)
+    apply_overrides(cfg, overrides)
+    validate(cfg)
+    return client, run, cfg
+
+
+def check_data(run: Run, cfg: DictConfig, verb: str, allow_change: bool) -> None:
+    """Refuse to continue or repeat a run on data other than its own (a reproduction may opt in)."""
+    logged, current = run.data.tags.get("data.digest"), data_digest(cfg.data.path)
+    if not logged or logged == current:
+        return
+    changed = f"the data {resolve_path(cfg.data.path)} changed since run {run.info.run_id} (digest {current}, logged {logged})"
+    if allow_change:
+        warn(f"{changed}; reproducing on the new data, so the curves will differ")
+    elif verb == "reproduce":
+        raise UserError(f"{changed}; restore the original file, or add {ALLOW_DATA_CHANGE}=true to rerun on the new data")
+    else:
+        raise UserError(f"{changed}; restore the original file to resume it (or start a new run on the new data)")
+
+
+def warn_about_differences(run: Run, overrides: dict[str, str]) -> None:
+    """Say what may make the numbers differ: other code than the run's, or other hardware settings."""
+    logged, current = run.data.tags.get("git.commit"), git_info()["commit"]
+    if logged and logged != current:
+        warn(f"the code is at commit {current[:12]} but run {run.info.run_id} used {logged[:12]}; results may differ")
+    if run.data.tags.get("git.dirty") == "true":
+        warn(f"run {run.info.run_id} had uncommitted changes (its git_diff.patch artifact); results may differ unless the same changes are present")
+    for key in HARDWARE_KEYS:
+        if key in overrides:
+            warn(f"{key}={overrides[key]} may change the low-order bits of every step compared with the logged run")
+
+
+def resume_point(client: MlflowClient, run: Run, folder: Path) -> Path | None:
+    """The newest checkpoint not past the run's last logged train/loss step: a local file, else the logged artifact.
+
+    Metrics are flushed before a checkpoint is recorded, so a kill between writing a
+    checkpoint and logging its metrics leaves an older, complete checkpoint to use.
+    """
+    logged = last_logged_steps(client, run.info.run_id).get("train/loss", 0)
+    local = list_checkpoints(folder)
+    usable = [path for path in local if checkpoint_step(path) <= logged]
+    if usable:
+        return usable[-1]
+    if local:
+        warn(f"{local[-1]} is newer than the last logged step {logged}; steps {logged + 1}..{checkpoint_step(local[-1])} will have no train metrics")
+        return local[-1]
+    artifact_step = run.data.tags.get("checkpoint.artifact_step")
+    if not artifact_step:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder, prefix=".download-") as tmp:
+        try:
+            downloaded = client.download_artifacts(run.info.run_id, CHECKPOINT_ARTIFACT, tmp)
+        except (MlflowException, OSError) as err:
+            raise UserError(f"run {run.info.run_id} has no local checkpoint in {folder} and its {CHECKPOINT_ARTIFACT} artifact cannot be fetched ({type(err).__name__})") from None
+        target = checkpoint_path(folder, int(artifact_step))
+        os.replace(downloaded, target)
+    print(f"fetched the step-{artifact_step} checkpoint from the run's artifacts into {folder}", flush=True)
+    return target
+
+
+def compare_with_original(client: MlflowClient, original: Run, result: TrainResult) -> dict:
+    """Per-step train/loss and final val loss of the reproduction against the original: printed and logged on the new run."""
+    def curve(run_id: str) -> dict[int, float]:
+        return {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
+
+    before, after = curve(original.info.run_id), curve(result.run_id)
+    common = sorted(before.keys() & after.keys())
+    max_diff = max((abs(before[s] - after[s]) for s in common), default=math.nan)
+    original_val = original.data.metrics.get("final/val_loss", math.nan)
+    identical = bool(common) and before == after and original_val == result.final_val_loss
+    now_ms = int(time.time() * 1000)
+    metrics = {"reproduce/max_abs_train_loss_diff": max_diff, "reproduce/original_final_val_loss": original_val,
+               "reproduce/final_val_loss_diff": result.final_val_loss - original_val}
+    tags = {"reproduce.identical": str(identical).lower(), "reproduce.compared_steps": f"{len(common)} of {len(before)}"}
+    client.log_batch(result.run_id, metrics=[Metric(k, v, now_ms, 0) for k, v in metrics.items()], tags=[RunTag(k, v) for k, v in tags.items()])
+    verdict = "identical" if identical else "DIFFERENT"
+    print(f"reproduction of {original.info.run_id}: {verdict}; {len(common)} of {len(before)} steps compared, max |train/loss diff| = {max_diff:.3g}; "
+          f"final val loss {result.final_val_loss:.6f} (original {original_val:.6f})")
+    return {**metrics, "identical": identical}
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,445 @@
+"""Optuna studies over any experiment: `run_sweep(cfg)`, what `run.py` does when `sweep.n_trials > 0`.
+
+Each trial is the ordinary `train` loop with two more hooks: `MLflowHook` logs it as a
+child run of the study's parent run, and `ReportToTrial` hands every validation loss
+to the pruner. The study lives in an Optuna storage, so rerunning the same command
+resumes it and several workers on one storage share it; `sweep.n_trials` is the total.
+"""
+
+from __future__ import annotations
+
+import copy
+import fcntl
+import gc
+import math
+import os
+import re
+import tempfile
+import threading
+import time
+import warnings
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Callable, Iterator
+
+import optuna
+from mlflow.entities import RunTag
+from omegaconf import DictConfig
+from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning, UpdateFinishedTrialError
+from optuna.storages import JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+from rich.console import Console
+from rich.table import Table
+
+from research.config import apply_overrides, resolve_path, to_yaml, validate
+from research.errors import UserError
+from research.tracking import MLflowHook, connect, mlflow_run, tracking_uri
+from research.trainer import Hooks, train
+
+PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the study's MLflow parent run
+CHILD_RUN_ATTR = "mlflow_run_id"  # trial user attr: the trial's MLflow child run
+END_REASON_ATTR = "end_reason"  # trial user attr: why a trial was pruned or failed
+HEARTBEAT_ATTR = "heartbeat"  # trial system attr on journal storages: last sign of life (unix time)
+HEARTBEAT_S = 30  # a running trial proves it is alive this often
+GRACE_S = 300  # a RUNNING trial silent this long belongs to a dead worker and is failed
+WORKER_LOST = "its worker stopped (no heartbeat)"
+INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM: the trial counts as failed, its run ends KILLED like any stopped run
+RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
+
+
+def run_sweep(cfg: DictConfig) -> optuna.Study:
+    """Run the study's missing trials (of `sweep.n_trials` in total), then summarise all of them."""
+    check_search_space(cfg)
+    console = Console()
+    name = cfg.sweep.study_name or f"{cfg.exp}-sweep"
+    url = storage_url(cfg)
+
+    def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:
+        close_child_run(client, trial.user_attrs.get(CHILD_RUN_ATTR), TrialState.FAIL, WORKER_LOST)
+
+    storage = open_storage(url, on_stale)  # before MLflow: a bad storage URL fails at once
+    client = connect(tracking_uri(cfg)) if cfg.tracking.enabled else None
+    pruner = make_pruner(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        try:
+            study, created = optuna.create_study(study_name=name, storage=storage, pruner=pruner, direction="minimize"), True
+        except DuplicatedStudyError:
+            study, created = optuna.load_study(study_name=name, storage=storage, pruner=pruner), False
+    lock = claims_lock_path(url)
+    console.print(f"[bold]study[/] {name} ({'new' if created else 'resumed'}, {len(study.trials)} of {cfg.sweep.n_trials} trials) in {mask_password(url)}")
+
+    with ExitStack() as stack:
+        parent_run_id = None
+        if client:
+            parent_cfg = copy.deepcopy(cfg)
+            parent_cfg.tracking.run_name = cfg.tracking.run_name or name
+            _, parent_run_id = stack.enter_context(mlflow_run(parent_cfg, run_id=existing_parent(client, study, created)))
+            study.set_user_attr(PARENT_RUN_ATTR, parent_run_id)
+            client.log_batch(parent_run_id, tags=[RunTag(k, v) for k, v in parent_tags(cfg, name, url, pruner).items()])
+            client.log_text(parent_run_id, to_yaml(cfg), "config.yaml")
+        while (trial := claim_trial(study, storage, cfg.sweep.n_trials, lock, on_stale)) is not None:
+            study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + trial.number)  # reproducible, and distinct per worker
+            run_trial(study, trial, storage, cfg, client, parent_run_id, console)
+            gc.collect()  # the trial's model is unreachable now; free it before the next one is built
+        summarise(study, cfg, name, url, client, parent_run_id, console)
+    return study
+
+
+# ---- search space ----
+
+
+def search_space(trial: optuna.Trial, cfg: DictConfig) -> dict[str, float | int]:
+    """The trial's config overrides: peak lr (log-uniform), warmup steps and the floor of the cosine decay."""
+    s = cfg.sweep
+    return {
+        "train.lr": trial.suggest_float("train.lr", s.lr_min, s.lr_max, log=True),
+        "train.warmup_steps": trial.suggest_int("train.warmup_steps", s.warmup_min, min(s.warmup_max, cfg.train.max_steps)),
+        "train.min_lr_ratio": trial.suggest_float("train.min_lr_ratio", s.min_lr_ratio_min, s.min_lr_ratio_max),
+    }
+
+
+def describe_space(cfg: DictConfig) -> dict[str, str]:
+    s = cfg.sweep
+    return {
+        "train.lr": f"log-uniform [{s.lr_min:g}, {s.lr_max:g}]",
+        "train.warmup_steps": f"int [{s.warmup_min}, {min(s.warmup_max, cfg.train.max_steps)}]",
+        "train.min_lr_ratio": f"uniform [{s.min_lr_ratio_min:g}, {s.min_lr_ratio_max:g}]",
+    }
+
+
+def check_search_space(cfg: DictConfig) -> None:
+    s = cfg.sweep
+    checks = [
+        (0 < s.lr_min <= s.lr_max, f"need 0 < sweep.lr_min <= sweep.lr_max, got {s.lr_min} and {s.lr_max}"),
+        (0 <= s.warmup_min <= min(s.warmup_max, cfg.train.max_steps),
+         f"need 0 <= sweep.warmup_min <= sweep.warmup_max and train.max_steps, got {s.warmup_min}, {s.warmup_max}, {cfg.train.max_steps}"),
+        (0 <= s.min_lr_ratio_min <= s.min_lr_ratio_max <= 1,
+         f"need 0 <= sweep.min_lr_ratio_min <= sweep.min_lr_ratio_max <= 1, got {s.min_lr_ratio_min} and {s.min_lr_ratio_max}"),
+        (s.prune_after_steps >= 0 and s.prune_after_trials >= 0, "sweep.prune_after_steps and sweep.prune_after_trials must be >= 0"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+
+
+def make_pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:
+    """No trial is stopped before `sweep.prune_after_steps` (default: its first evaluation)."""
+    first = min(cfg.sweep.prune_after_steps or cfg.train.eval_every or cfg.train.max_steps, cfg.train.max_steps)
+    if cfg.sweep.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=first, max_resource=cfg.train.max_steps, reduction_factor=3)
+    if cfg.sweep.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=cfg.sweep.prune_after_trials, n_warmup_steps=first)
+    return optuna.pruners.NopPruner()
+
+
+# ---- storage: where the study lives, and who may add a trial to it ----
+
+
+def storage_url(cfg: DictConfig) -> str:
+    return cfg.sweep.storage or f"sqlite:///{resolve_path(cfg.out_dir) / 'optuna.db'}"
+
+
+def journal_path(url: str) -> Path | None:
+    """`journal:PATH` or `PATH.journal`: a journal file that processes on one machine share."""
+    if url.startswith("journal:") or url.endswith(".journal"):
+        return resolve_path(url.removeprefix("journal:"))
+    return None
+
+
+def open_storage(url: str, on_stale: Callable[[optuna.Study, FrozenTrial], None]) -> RDBStorage | JournalStorage:
+    """A journal file, or any SQLAlchemy URL (SQLite, PostgreSQL, MySQL) with heartbeats so dead workers' trials get failed."""
+    try:
+        if (path := journal_path(url)) is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return JournalStorage(JournalFileBackend(str(path)))
+        if url.startswith("sqlite:///"):
+            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, heartbeat_stale_trial_callback=on_stale)
+    except Exception as err:  # bad URL, missing driver, unreachable server: one line, not a SQLAlchemy traceback
+        raise UserError(f"cannot open Optuna storage {mask_password(url)} ({str(err).splitlines()[0]}); fix sweep.storage") from None
+
+
+def mask_password(url: str) -> str:
+    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
+
+
+def claims_lock_path(url: str) -> Path | None:
+    """A lock file beside a local storage file; a database server has none (see docs/sweeps.md)."""
+    path = journal_path(url) or (Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None)
+    return path.with_name(path.name + ".claims.lock") if path else None
+
+
+@contextmanager
+def file_lock(path: Path | None) -> Iterator[None]:
+    if path is None:
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def claim_trial(study: optuna.Study, storage, n_trials: int, lock: Path | None, on_stale) -> optuna.Trial | None:
+    """A new trial while the study has fewer than n_trials in any state; counting and creating are one step under the lock."""
+    with file_lock(lock):
+        fail_stale_trials(study, storage, on_stale)
+        if len(study.get_trials(deepcopy=False)) >= n_trials:
+            return None
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Heartbeat of storage")  # `Heartbeat` below does what optimize() would
+            return study.ask()
+
+
+def fail_stale_trials(study: optuna.Study, storage, on_stale) -> None:
+    """RUNNING trials whose worker died become FAIL (RDB storages have Optuna's heartbeat; journals our attr)."""
+    if isinstance(storage, RDBStorage):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            optuna.storages.fail_stale_trials(study)  # calls on_stale, given to the storage, for each
+        return
+    now = time.time()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if now - trial.system_attrs.get(HEARTBEAT_ATTR, trial.datetime_start.timestamp()) > GRACE_S:
+            try:
+                storage.set_trial_user_attr(trial._trial_id, END_REASON_ATTR, WORKER_LOST)
+                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+            except UpdateFinishedTrialError:  # it finished, or another worker failed it, meanwhile
+                continue
+            on_stale(study, storage.get_trial(trial._trial_id))
+
+
+class Heartbeat:
+    """While a trial runs, a thread marks it alive every HEARTBEAT_S seconds."""
+
+    def __init__(self, storage, trial: optuna.Trial):
+        if isinstance(storage, RDBStorage):
+            self.beat = lambda: storage.record_heartbeat(trial._trial_id)
+        else:
+            self.beat = lambda: storage.set_trial_system_attr(trial._trial_id, HEARTBEAT_ATTR, time.time())
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        while True:
+            try:
+                self.beat()
+            except Exception:  # a storage hiccup must not stop the heartbeat for good
+                pass
+            if self.stop.wait(HEARTBEAT_S):
+                return
+
+    def __enter__(self) -> None:
+        self.thread.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join()
+
+
+# ---- one trial ----
+
+
+class ReportToTrial(Hooks):
+    """Reports each validation loss to the study, and stops the run when the pruner says so."""
+
+    def __init__(self, trial: optuna.Trial, last_step: int):
+        self.trial = trial
+        self.last_step = last_step
+
+    def on_eval(self, step: int, metrics: dict[str, float]) -> None:
+        self.trial.report(metrics["val/loss"], step)
+        if step < self.last_step and self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at step {step} (val loss {metrics['val/loss']:.4f})")
+
+
+def trial_config(cfg: DictConfig, trial: optuna.Trial) -> DictConfig:
+    trial_cfg = copy.deepcopy(cfg)
+    apply_overrides(trial_cfg, search_space(trial, cfg))
+    trial_cfg.tracking.run_name = f"{cfg.tracking.run_name or 'trial'}-{trial.number}"
+    trial_cfg.train.checkpoint_dir = ""  # trials keep no checkpoints: retrain the best one (see summary.md)
+    validate(trial_cfg)
+    return trial_cfg
+
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, storage, cfg: DictConfig, client, parent_run_id: str | None, console: Console) -> None:
+    """Train one trial and tell the study how it ended; only an interrupt escapes."""
+    state, value, reason = TrialState.COMPLETE, None, ""
+    try:
+        trial_cfg = trial_config(cfg, trial)
+        console.rule(f"trial {trial.number}: " + "  ".join(f"{k}={v:.4g}" for k, v in trial.params.items()))
+        with Heartbeat(storage, trial), child_run(trial_cfg, trial, client, parent_run_id) as hooks:
+            value = train(trial_cfg, [*hooks, ReportToTrial(trial, cfg.train.max_steps)]).final_val_loss  # the result (and its model) is dropped here
+        if not math.isfinite(value):
+            state, value, reason = TrialState.FAIL, None, f"final val loss is {value}"
+    except optuna.TrialPruned as pruned:
+        state, reason = TrialState.PRUNED, str(pruned)
+    except KeyboardInterrupt:
+        finish_trial(study, trial, client, TrialState.FAIL, None, INTERRUPTED)
+        raise
+    except Exception as err:  # NaN loss, out of memory, a bad config: this trial fails, the study goes on
+        state, value, reason = TrialState.FAIL, None, f"{type(err).__name__}: {err}"
+    finish_trial(study, trial, client, state, value, reason)
+    console.print(f"trial {trial.number}: [bold]{state.name}[/]" + (f" val loss {value:.4f}" if value is not None else "") + (f" ({reason})" if reason else ""))
+
+
+@contextmanager
+def child_run(trial_cfg: DictConfig, trial: optuna.Trial, client, parent_run_id: str | None) -> Iterator[list[Hooks]]:
+    """The trial's MLflow run under the study's parent (its id kept on the trial); yields the hooks that log into it."""
+    if client is None:
+        yield []
+        return
+    tags = {"sweep.study_name": trial.study.study_name, "sweep.trial_number": str(trial.number)}
+    with mlflow_run(trial_cfg, parent_run_id=parent_run_id, tags=tags) as (run_client, run_id):
+        trial.set_user_attr(CHILD_RUN_ATTR, run_id)
+        hook = MLflowHook(run_client, run_id, log_artifacts=False)
+        try:
+            yield [hook]
+        finally:
+            hook.flush()  # a pruned or failed run keeps the metrics logged up to its last step
+
+
+def finish_trial(study: optuna.Study, trial: optuna.Trial, client, state: TrialState, value: float | None, reason: str) -> None:
+    try:
+        if reason:
+            trial.set_user_attr(END_REASON_ATTR, reason[:1000])
+        study.tell(trial, value, state=state)
+    except UpdateFinishedTrialError:  # this worker was silent too long and another one failed the trial
+        state, reason = TrialState.FAIL, WORKER_LOST
+    close_child_run(client, trial.user_attrs.get(CHILD_RUN_ATTR), state, reason)
+
+
+def close_child_run(client, run_id: str | None, state: TrialState, reason: str) -> None:
+    """The child run's end mirrors the trial's: FINISHED, KILLED (pruned) or FAILED, with the reason as a tag."""
+    if client is None or run_id is None:
+        return
+    client.set_tag(run_id, "sweep.state", state.name)
+    if reason:
+        client.set_tag(run_id, "end_reason", reason[:5000])
+    client.set_terminated(run_id, status="KILLED" if reason == INTERRUPTED else RUN_STATUS[state])
+
+
+# ---- the parent run ----
+
+
+def parent_tags(cfg: DictConfig, name: str, url: str, pruner: optuna.pruners.BasePruner) -> dict[str, str]:
+    tags = {
+        "sweep.study_name": name,
+        "sweep.storage": mask_password(url),
+        "sweep.n_trials": str(cfg.sweep.n_trials),
+        "sweep.sampler": f"TPESampler(seed={cfg.seed} + trial number)",
+        "sweep.pruner": f"{type(pruner).__name__} ({cfg.sweep.pruner})",
+        "experiment": cfg.exp,
+    }
+    tags.update({f"sweep.space.{key}": text for key, text in describe_space(cfg).items()})
+    return tags
+
+
+def existing_parent(client, study: optuna.Study, created: bool) -> str | None:
+    """The parent run of a resumed study, if this tracking store has it; None means: create one.
+
+    Only the process that created the study creates the parent at once; the others wait for its
+    run id to appear on the study, so workers started together share one parent.
+    """
+    if created:
+        return None
+    deadline = time.monotonic() + 10
+    while PARENT_RUN_ATTR not in study.user_attrs and not study.trials and time.monotonic() < deadline:
+        time.sleep(0.2)
+    run_id = study.user_attrs.get(PARENT_RUN_ATTR)
+    if run_id is None:
+        return None
+    try:
+        active = client.get_run(run_id).info.lifecycle_stage == "active"
+    except Exception:  # logged to another tracking store: start a parent in this one
+        return None
+    return run_id if active else None
+
+
+# ---- the summary ----
+
+
+def summarise(study: optuna.Study, cfg: DictConfig, name: str, url: str, client, parent_run_id: str | None, console: Console) -> None:
+    """A table of all trials and the best one, printed and written to <out_dir>/<study>/summary.md with the plots."""
+    trials = study.get_trials(deepcopy=False)
+    keys = list(describe_space(cfg))
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    best = min(complete, key=lambda t: t.value) if complete else None
+    counts = ", ".join(f"{sum(t.state == s for t in trials)} {s.name.lower()}" for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING))
+
+    header = ["trial", "state", *keys, "val loss", "note"]
+    rows = [[str(t.number), t.state.name, *(f"{t.params[k]:.4g}" if k in t.params else "" for k in keys),
+             f"{t.value:.4f}" if t.value is not None else "", t.user_attrs.get(END_REASON_ATTR, "")] for t in trials]
+    table = Table(title=f"study {name}: {len(trials)} trials ({counts})")
+    for column in header:
+        table.add_column(column, overflow="fold")
+    for trial, row in zip(trials, rows):
+        table.add_row(*row, style="bold green" if trial is best else None)
+    console.print(table)
+    if best is None:
+        best_line, retrain = "no trial completed yet", ""
+    else:
+        overrides = " ".join(f"{k}={v:.6g}" for k, v in best.params.items())
+        best_line = f"best: trial {best.number}, val loss {best.value:.4f} ({overrides})"
+        retrain = f"python run.py exp={cfg.exp} sweep.n_trials=0 {overrides}"
+        console.print(f"[bold]{best_line}[/]\nretrain it: {retrain}")
+
+    out = resolve_path(cfg.out_dir) / name
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out) as tmp:  # written whole, then moved: other workers may write at once
+        plots = save_plots(study, Path(tmp))
+        lines = [f"# Study {name}", "", f"storage: `{mask_password(url)}`; {len(trials)} trials ({counts}); search space: "
+                 + "; ".join(f"{k} {v}" for k, v in describe_space(cfg).items()), "", best_line, ""]
+        if retrain:
+            lines += [f"retrain it: `{retrain}`", ""]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
+        lines += [""] + [f"![{p.stem.replace('_', ' ')}]({p.name})" for p in plots]
+        (Path(tmp) / "summary.md").write_text("\n".join(lines) + "\n")
+        if client and parent_run_id:
+            client.log_artifacts(parent_run_id, tmp)
+            if best is not None:
+                log_best(client, parent_run_id, best, len(trials))
+        for path in Path(tmp).iterdir():
+            os.replace(path, out / path.name)
+    console.print(f"summary: {out / 'summary.md'}")
+
+
+def log_best(client, parent_run_id: str, best: FrozenTrial, n_trials: int) -> None:
+    """Tags, not params: the best trial changes as the study grows, and MLflow params cannot."""
+    tags = {"best.trial_number": str(best.number), "best.run_id": best.user_attrs.get(CHILD_RUN_ATTR, "")}
+    tags.update({f"best.{key}": f"{value:.6g}" for key, value in best.params.items()})
+    client.log_batch(parent_run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+    client.log_metric(parent_run_id, "best/val_loss", best.value, step=n_trials)
+
+
+def save_plots(study: optuna.Study, folder: Path) -> list[Path]:
+    """Optuna's optimization history, parameter importances and intermediate values as PNGs (those it can draw yet)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as optuna_plots
+
+    saved = []
+    for name, plot in [("optimization_history", optuna_plots.plot_optimization_history),
+                       ("param_importances", optuna_plots.plot_param_importances),
+                       ("intermediate_values", optuna_plots.plot_intermediate_values)]:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                axes = plot(study)
+            except Exception:  # e.g. importances need two finished trials
+                plt.close("all")
+                continue
+        figure = axes.figure
+        figure.savefig(folder / f"{name}.png", dpi=110, bbox_inches="tight")
+        plt.close(figure)
+        saved.append(folder / f"{name}.png")
+    return saved

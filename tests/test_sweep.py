@@ -1,0 +1,190 @@
+"""Optuna sweeps end to end: tiny studies in temporary storages, logged to a temporary MLflow store."""
+
+import gc
+import shutil
+import statistics
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import optuna
+import pytest
+from mlflow.tracking import MlflowClient
+from optuna.storages import JournalStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+
+from conftest import REPO, TINY, run_cli
+from research import registry, sweep
+from research.errors import UserError
+from research.model import MiniMindForCausalLM
+from research.sweep import CHILD_RUN_ATTR, END_REASON_ATTR, PARENT_RUN_ATTR, run_sweep
+from research.tracking import artifact_root, connect, experiment_id, tracking_uri
+
+STUDY = "lr_sweep-sweep"  # the default name for exp=lr_sweep
+SWEEP = {**TINY, "train.max_steps": 8, "train.eval_every": 4, "train.eval_batches": 1, "train.sample_tokens": 0,
+         "data.path": str(REPO / "tests" / "data" / "tang_song.jsonl")}  # 100k tokens: tokenized in a blink
+
+
+@pytest.fixture(scope="module")
+def empty_store(tmp_path_factory):
+    """A fresh MLflow SQLite store, created once: each test starts from a copy (creating one takes seconds)."""
+    db = tmp_path_factory.mktemp("store") / "mlflow.db"
+    connect(f"sqlite:///{db}")
+    return db
+
+
+@pytest.fixture
+def sweep_cfg(tmp_path, token_cache, empty_store):
+    (tmp_path / "results").mkdir()
+    shutil.copy(empty_store, tmp_path / "results" / "mlflow.db")
+
+    def make(**overrides):
+        values = {**SWEEP, "out_dir": str(tmp_path / "results"), "data.cache_dir": str(token_cache)}
+        values.update({k.replace("__", "."): v for k, v in overrides.items()})
+        return registry.build("lr_sweep", values)
+
+    return make
+
+
+def runs_of(cfg):
+    """(parent runs, {trial number: [child runs]}) of the study's MLflow experiment."""
+    client = MlflowClient(tracking_uri(cfg))
+    runs = client.search_runs([client.get_experiment_by_name("lr_sweep").experiment_id], max_results=1000)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children: dict[int, list] = {}
+    for run in runs:
+        if "mlflow.parentRunId" in run.data.tags:
+            children.setdefault(int(run.data.tags["sweep.trial_number"]), []).append(run)
+    return parents, children
+
+
+def live_models() -> int:
+    gc.collect()
+    return sum(type(o) is MiniMindForCausalLM for o in gc.get_objects())
+
+
+def test_study_logs_one_parent_and_a_child_per_trial_and_resumes_without_duplicates(sweep_cfg, tmp_path):
+    models_before = live_models()
+    cfg = sweep_cfg(sweep__n_trials=4)
+    study = run_sweep(cfg)
+    assert live_models() == models_before  # no trial's model outlives it
+    trials = study.get_trials()
+    assert [t.number for t in trials] == [0, 1, 2, 3] and all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials)
+
+    client = MlflowClient(tracking_uri(cfg))
+    parents, children = runs_of(cfg)
+    assert len(parents) == 1 and sorted(children) == [0, 1, 2, 3]
+    parent = parents[0]
+    assert study.user_attrs[PARENT_RUN_ATTR] == parent.info.run_id
+    assert parent.data.tags["sweep.study_name"] == STUDY and parent.data.tags["sweep.storage"].startswith("sqlite:///")
+    assert "log-uniform" in parent.data.tags["sweep.space.train.lr"] and parent.data.tags["sweep.pruner"].startswith("HyperbandPruner")
+    for trial in trials:
+        (child,) = children[trial.number]
+        assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert trial.user_attrs[CHILD_RUN_ATTR] == child.info.run_id
+        assert child.data.tags["sweep.state"] == trial.state.name
+        assert child.info.status == ("FINISHED" if trial.state == TrialState.COMPLETE else "KILLED")
+        for key in ["train.lr", "train.warmup_steps", "train.min_lr_ratio"]:
+            assert child.data.params[key] == str(trial.params[key])
+        losses = client.get_metric_history(child.info.run_id, "train/loss")
+        assert sorted(m.step for m in losses) == list(range(1, max(trial.intermediate_values) + 1))
+    best = study.best_trial
+    assert parent.data.tags["best.trial_number"] == str(best.number)
+    assert parent.data.metrics["best/val_loss"] == pytest.approx(best.value)
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.md", "optimization_history.png", "intermediate_values.png", "config.yaml"} <= artifacts
+    summary = (tmp_path / "results" / STUDY / "summary.md").read_text()
+    assert f"best: trial {best.number}" in summary and summary.count("\n| ") == 1 + 4  # header and one row per trial
+    assert (tmp_path / "results" / STUDY / "optimization_history.png").stat().st_size > 0
+
+    run_ids = {r.info.run_id for r in [parent, *sum(children.values(), [])]}
+    run_sweep(sweep_cfg(sweep__n_trials=4))  # the same command again: nothing left to do
+    parents, children = runs_of(cfg)
+    assert {r.info.run_id for r in [*parents, *sum(children.values(), [])]} == run_ids
+
+    study = run_sweep(sweep_cfg(sweep__n_trials=6))  # the total rises by two: two more trials, same parent
+    parents, children = runs_of(cfg)
+    assert [p.info.run_id for p in parents] == [parent.info.run_id]
+    assert [t.number for t in study.get_trials()] == [0, 1, 2, 3, 4, 5] and sorted(children) == [0, 1, 2, 3, 4, 5]
+    assert all(len(runs) == 1 for runs in children.values())
+
+
+def test_two_workers_on_one_journal_share_the_study(sweep_cfg, tmp_path, token_cache):
+    journal, out_dir = tmp_path / "study.journal", tmp_path / "results"
+    args = ["exp=lr_sweep", "sweep.n_trials=4", f"sweep.storage=journal:{journal}", f"out_dir={out_dir}", f"data.cache_dir={token_cache}"]
+    args += [f"{k}={v}" for k, v in SWEEP.items()]
+    with ThreadPoolExecutor(2) as pool:
+        procs = list(pool.map(lambda _: run_cli(*args, timeout=240), range(2)))
+    for proc in procs:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    study = optuna.load_study(study_name=STUDY, storage=JournalStorage(JournalFileBackend(str(journal))))
+    trials = study.get_trials()
+    assert [t.number for t in trials] == [0, 1, 2, 3] and all(t.state.is_finished() for t in trials)
+    parents, children = runs_of(sweep_cfg())
+    assert len(parents) == 1 and sorted(children) == [0, 1, 2, 3]
+    for trial in trials:
+        (child,) = children[trial.number]
+        assert trial.user_attrs[CHILD_RUN_ATTR] == child.info.run_id
+        assert child.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+
+
+def test_median_pruner_stops_trials_with_absurd_learning_rates(sweep_cfg):
+    cfg = sweep_cfg(sweep__n_trials=4, sweep__pruner="median", sweep__prune_after_trials=1, sweep__prune_after_steps=4,
+                    sweep__lr_min=1e-3, sweep__lr_max=10.0)
+    trials = run_sweep(cfg).get_trials()
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert pruned and complete
+    _, children = runs_of(cfg)
+    client = MlflowClient(tracking_uri(cfg))
+    for trial in pruned:
+        step = max(trial.intermediate_values)
+        assert step < cfg.train.max_steps
+        others = [t.intermediate_values[step] for t in complete if t.number < trial.number]
+        assert min(v for s, v in trial.intermediate_values.items() if s <= step) > statistics.median(others)  # the median rule held
+        (child,) = children[trial.number]
+        assert child.info.status == "KILLED" and child.data.tags["end_reason"].startswith(f"pruned at step {step}")
+        assert max(m.step for m in client.get_metric_history(child.info.run_id, "val/loss")) == step  # logged up to the stop
+
+
+def test_a_diverging_trial_fails_and_the_study_goes_on(sweep_cfg):
+    cfg = sweep_cfg(sweep__n_trials=3, sweep__pruner="none", sweep__lr_min=1e-3, sweep__lr_max=1e9)
+    trials = run_sweep(cfg).get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed and any(t.state == TrialState.COMPLETE and t.number > failed[0].number for t in trials)
+    _, children = runs_of(cfg)
+    for trial in failed:
+        assert "NonFiniteLoss" in trial.user_attrs[END_REASON_ATTR] and trial.params["train.lr"] > 100
+        (child,) = children[trial.number]
+        assert child.info.status == "FAILED" and "NonFiniteLoss" in child.data.tags["end_reason"]
+        assert child.data.tags["sweep.state"] == "FAIL"
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # planting the trial by hand, outside optimize()
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_a_dead_workers_trial_is_failed_and_counted(sweep_cfg, tmp_path, monkeypatch, kind):
+    url = str(tmp_path / "study.journal") if kind == "journal" else f"sqlite:///{tmp_path / 'optuna.db'}"
+    cfg = sweep_cfg(sweep__n_trials=2, sweep__storage=url)
+    storage = sweep.open_storage(url, on_stale=None)
+    study = optuna.create_study(study_name=STUDY, storage=storage)
+    stale = study.ask()  # a trial whose worker was killed, with its child run left RUNNING
+    client = MlflowClient(tracking_uri(cfg))
+    run_id = client.create_run(experiment_id(client, "lr_sweep", artifact_root(cfg))).info.run_id
+    stale.set_user_attr(CHILD_RUN_ATTR, run_id)
+    sweep.Heartbeat(storage, stale).beat()  # its last sign of life
+    monkeypatch.setattr(sweep, "GRACE_S", 1)
+    time.sleep(2.1)  # SQL storages keep heartbeats to the second
+
+    trials = run_sweep(cfg).get_trials()
+    assert [(t.number, t.state) for t in trials] == [(0, TrialState.FAIL), (1, TrialState.COMPLETE)]
+    if kind == "journal":  # an SQL storage fails it itself, before the reason could be attached
+        assert "no heartbeat" in trials[0].user_attrs[END_REASON_ATTR]
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED" and "no heartbeat" in run.data.tags["end_reason"]
+
+
+def test_bad_bounds_and_storages_are_one_line_errors(sweep_cfg):
+    with pytest.raises(UserError, match="sweep.lr_min <= sweep.lr_max"):
+        run_sweep(sweep_cfg(sweep__n_trials=1, sweep__lr_min=1e-2, sweep__lr_max=1e-3))
+    with pytest.raises(UserError, match="cannot open Optuna storage nosuchdb://u:\\*\\*\\*@host/x"):
+        run_sweep(sweep_cfg(sweep__n_trials=1, sweep__storage="nosuchdb://u:secret@host/x"))
