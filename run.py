@@ -22,6 +22,7 @@ import sys
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenize once, in the main process
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail in seconds, not minutes, when a server is gone
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")  # ... or hangs (the default waits 120 s per try)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Writing model shards" bars between our own output
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach for a model hub

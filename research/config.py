@@ -61,6 +61,7 @@ class TrainConfig:
     beta2: float = 0.95  # AdamW beta2
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 where the hardware runs it fast, else fp32)
+    max_skipped_steps: int = 20  # fp16: stop after this many steps in a row skipped for overflowing gradients; 0 = never
     compile: bool = False  # wrap the model in torch.compile
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
@@ -218,6 +219,7 @@ def validate(cfg: DictConfig) -> None:
         (0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}"),
         (t.precision in ("auto", "fp32", "bf16", "fp16"), f"train.precision must be auto, fp32, bf16 or fp16, got '{t.precision}'"),
         (t.eval_every >= 0 and t.log_every > 0, "train.eval_every must be >= 0 and train.log_every > 0"),
+        (t.max_skipped_steps >= 0, f"train.max_skipped_steps must be >= 0 (0 = never stop), got {t.max_skipped_steps}"),
         (m.hidden_size > 0 and m.num_heads > 0 and m.hidden_size % m.num_heads == 0,
          f"model.num_heads ({m.num_heads}) must divide model.hidden_size ({m.hidden_size})"),
         (m.num_kv_heads > 0 and m.num_heads % m.num_kv_heads == 0,

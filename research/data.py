@@ -107,7 +107,7 @@ def _parse_line(raw: bytes, lineno: int, path: Path, text_key: str) -> tuple[str
     try:
         record = json.loads(line)
     except json.JSONDecodeError as err:
-        return "", f"{where} is not valid JSON ({err.msg} at column {err.colno}); fix the line {SKIP_HINT}"
+        return "", f"{where} is not valid JSON ({err.msg.removesuffix(' at')} at column {err.colno}); fix the line {SKIP_HINT}"
     if not isinstance(record, dict):
         return "", f"{where} is a JSON {type(record).__name__}, not an object with a '{text_key}' field; fix the line {SKIP_HINT}"
     if text_key not in record:

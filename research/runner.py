@@ -40,10 +40,15 @@ def run_tracked(
         if not cfg.train.checkpoint_dir:
             cfg.train.checkpoint_dir = str(resolve_path(cfg.out_dir) / "checkpoints" / run_id)
         print_run_header(cfg, run_id)
+        hook = MLflowHook(client, run_id)
         try:
-            result = train(cfg, [MLflowHook(client, run_id), *hooks])
+            result = train(cfg, [hook, *hooks])
         except KeyboardInterrupt:
+            hook.close()
             print(f"continue this run with: {resume_command(cfg, run_id)}", file=sys.stderr, flush=True)
+            raise
+        except BaseException:
+            hook.close()  # the metrics up to the failure are kept
             raise
         result.run_id = run_id
     return result

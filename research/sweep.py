@@ -168,7 +168,7 @@ def mask_password(url: str) -> str:
 
 
 def claims_lock_path(url: str) -> Path | None:
-    """A lock file beside a local storage file; a database server has none (see docs/sweeps.md)."""
+    """A lock file beside a local storage file; a database server has none (see the README, "Several workers")."""
     path = journal_path(url) or (Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None)
     return path.with_name(path.name + ".claims.lock") if path else None
 
@@ -302,7 +302,7 @@ def child_run(trial_cfg: DictConfig, trial: optuna.Trial, client, parent_run_id:
         try:
             yield [hook]
         finally:
-            hook.flush()  # a pruned or failed run keeps the metrics logged up to its last step
+            hook.close()  # a pruned or failed run keeps the metrics logged up to its last step
 
 
 def finish_trial(study: optuna.Study, trial: optuna.Trial, client, state: TrialState, value: float | None, reason: str) -> None:

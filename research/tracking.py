@@ -9,10 +9,12 @@ anywhere else. We use `MlflowClient` with explicit run ids (no fluent global
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 import mlflow
+import requests
 import torch
 import transformers
 from mlflow.entities import Metric, Param, RunStatus, RunTag
@@ -39,6 +42,8 @@ logging.getLogger("alembic").setLevel(logging.WARNING)
 CHECKPOINT_ARTIFACT = "checkpoints/latest.pt"  # the newest checkpoint of a run, for resuming it elsewhere
 METRIC_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
 PARAM_BATCH = 90  # ... and 100 params
+OFFLINE_RETRY_S = 30  # while a tracking server is gone, try it again this often (each try costs seconds of HTTP retries)
+OFFLINE_SPILL = 100_000  # metric values held in memory while offline; more go to the fallback file at once
 
 
 def tracking_uri(cfg: DictConfig) -> str:
@@ -135,15 +140,51 @@ def mlflow_run(cfg: DictConfig, parent_run_id: str | None = None, tags: dict[str
     try:
         yield client, run_id
     except KeyboardInterrupt:
-        client.set_tag(run_id, "end_reason", "interrupted")
-        client.set_terminated(run_id, status="KILLED")
+        end_run(client, run_id, "KILLED", "interrupted", offline_path(cfg, run_id))
         raise
     except BaseException as err:
-        client.set_tag(run_id, "end_reason", f"{type(err).__name__}: {err}"[:5000])
-        client.set_terminated(run_id, status="FAILED")
+        end_run(client, run_id, "FAILED", f"{type(err).__name__}: {err}", offline_path(cfg, run_id))
         raise
     else:
-        client.set_terminated(run_id, status="FINISHED")
+        end_run(client, run_id, "FINISHED", None, offline_path(cfg, run_id))
+
+
+def server_gone(err: BaseException) -> bool:
+    """A tracking server that stopped answering (connection refused, timeout, 5xx), as opposed to a refused request."""
+    if isinstance(err, (requests.exceptions.ConnectionError, requests.exceptions.Timeout, ConnectionError)):
+        return True
+    return isinstance(err, mlflow.exceptions.MlflowException) and str(err).startswith("API request to")
+
+
+def offline_path(cfg: DictConfig, run_id: str) -> Path:
+    """Where a run writes what its tracking server missed: JSON lines of metrics, tags and its end status."""
+    return resolve_path(cfg.out_dir) / "offline" / f"{run_id}.jsonl"
+
+
+def append_offline(path: Path, records: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.writelines(json.dumps(record) + "\n" for record in records)
+
+
+def warn_offline(run_id: str, err: BaseException, path: Path) -> None:
+    reason = str(err).splitlines()[0][:300]
+    print(f"warning: lost the MLflow tracking server during run {run_id} ({reason}); what it missed is in {path}", file=sys.stderr, flush=True)
+
+
+def end_run(client: MlflowClient, run_id: str, status: str, reason: str | None, fallback: Path) -> None:
+    """End a run with its reason as a tag; with the server gone, the end goes to the fallback file (never hides the run's own error)."""
+    try:
+        if reason is not None:
+            client.set_tag(run_id, "end_reason", reason[:5000])
+        client.set_terminated(run_id, status=status)
+    except Exception as err:
+        if not server_gone(err):
+            raise
+        announced = fallback.exists()  # the hook wrote (and announced) it already
+        append_offline(fallback, [{"status": status, "end_reason": reason}])
+        if not announced:
+            warn_offline(run_id, err, fallback)
 
 
 class MLflowHook(Hooks):
@@ -157,9 +198,14 @@ class MLflowHook(Hooks):
         self.last_flush = time.monotonic()
         self.logged_through: dict[str, int] = {}  # per metric, the last step the store already holds (a reopened run)
         self.log_hf_model = True
+        self.lost: BaseException | None = None  # why the server stopped answering; None while it answers
+        self.retry_at = 0.0
+        self.pending_tags: dict[str, str] = {}  # tags sent with the next flush of metrics
+        self.fallback: Path | None = None
 
     def on_start(self, run: RunInfo) -> None:
         cfg = run.config
+        self.fallback = offline_path(cfg, self.run_id)
         self.log_hf_model = cfg.tracking.get("log_hf_model", True)
         self.logged_through = last_logged_steps(self.client, self.run_id)  # a resumed run never logs a step twice
         if not self.client.get_run(self.run_id).data.params:  # a resumed run logged these already
@@ -168,7 +214,8 @@ class MLflowHook(Hooks):
                 self.client.log_batch(self.run_id, params=params[i : i + PARAM_BATCH])
             self.client.log_text(self.run_id, to_yaml(cfg), "config.yaml")
         tags, diff = run_tags(cfg)
-        tags.update({"data.digest": run.data_info.data_digest, "precision": run.derived["precision"], "parameters": str(run.derived["parameters"])})
+        tags.update({"data.digest": run.data_info.data_digest, "precision": run.derived["precision"], "parameters": str(run.derived["parameters"]),
+                     "data.skipped_lines": str(run.data_info.skipped_lines)})
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         if diff:
             self.client.log_text(self.run_id, diff, "git_diff.patch")
@@ -180,24 +227,76 @@ class MLflowHook(Hooks):
         if len(self.buffer) >= METRIC_BATCH or time.monotonic() - self.last_flush > 10:
             self.flush()
 
-    def flush(self) -> None:
-        for i in range(0, len(self.buffer), METRIC_BATCH):
-            self.client.log_batch(self.run_id, metrics=self.buffer[i : i + METRIC_BATCH])
-        self.buffer.clear()
+    def flush(self, force: bool = False) -> bool:
+        """Send buffered metrics; True when the server has them all. A gone server is retried every OFFLINE_RETRY_S (or when forced)."""
         self.last_flush = time.monotonic()
+        if self.lost is not None and not force and time.monotonic() < self.retry_at:
+            if len(self.buffer) >= OFFLINE_SPILL:
+                self.write_fallback()
+            return False
+        try:
+            while self.buffer:
+                self.client.log_batch(self.run_id, metrics=self.buffer[:METRIC_BATCH])
+                del self.buffer[:METRIC_BATCH]
+            if self.pending_tags:
+                self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in self.pending_tags.items()])
+                self.pending_tags.clear()
+        except Exception as err:
+            self.went_offline(err)
+            return False
+        self.lost = None
+        return True
+
+    def went_offline(self, err: Exception) -> None:
+        """Remember a gone server (and when to try it again); any other error is raised."""
+        if not server_gone(err):
+            raise err
+        self.lost, self.retry_at = err, time.monotonic() + OFFLINE_RETRY_S
+
+    def write_fallback(self) -> None:
+        """Append what the server has not got to the fallback file, and forget it here."""
+        records = [{"metric": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in self.buffer]
+        records += [{"tag": k, "value": v} for k, v in self.pending_tags.items()]
+        append_offline(self.fallback, records)
+        self.buffer.clear()
+        self.pending_tags.clear()
 
     def on_checkpoint(self, step: int, path: Path) -> None:
-        self.flush()  # metrics first: a resume never starts after the last logged step
         tags = {"checkpoint.latest": str(path)}
-        if self.log_model_artifacts:  # so that another machine can resume the run
-            log_file_as(self.client, self.run_id, path, CHECKPOINT_ARTIFACT)
-            tags["checkpoint.artifact_step"] = str(step)
-        self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+        if self.flush():  # metrics first: a resume never starts after the last logged step
+            try:
+                if self.log_model_artifacts:  # so that another machine can resume the run
+                    log_file_as(self.client, self.run_id, path, CHECKPOINT_ARTIFACT)
+                    tags["checkpoint.artifact_step"] = str(step)
+                self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+                return
+            except Exception as err:
+                self.went_offline(err)
+        self.pending_tags.update(tags)  # the server is gone: the checkpoint stays on local disk
 
     def on_end(self, result: TrainResult) -> None:
-        self.flush()
-        self.client.log_metric(self.run_id, "final/val_loss", result.final_val_loss, step=result.steps)
-        self.client.set_tag(self.run_id, "wall_time_s", f"{result.wall_time_s:.1f}")
+        self.buffer.append(Metric("final/val_loss", result.final_val_loss, int(time.time() * 1000), result.steps))
+        self.pending_tags["wall_time_s"] = f"{result.wall_time_s:.1f}"
+        if self.flush(force=True):
+            try:
+                self.log_outputs(result)
+                return
+            except Exception as err:
+                self.went_offline(err)
+        self.give_up()
+
+    def close(self) -> None:
+        """After a failed or stopped run: send what is left, or write it to the fallback file."""
+        if not self.flush(force=True):
+            self.give_up()
+
+    def give_up(self) -> None:
+        """The server is gone for good: what it missed goes to the fallback file (checkpoint, samples and model stay on local disk)."""
+        self.write_fallback()
+        warn_offline(self.run_id, self.lost, self.fallback)
+
+    def log_outputs(self, result: TrainResult) -> None:
+        """Samples, loss curve, tokenizer and model of a finished run."""
         if result.samples:
             text = "\n\n".join(f"### {prompt}\n{completion}" for prompt, completion in result.samples)
             self.client.log_text(self.run_id, text, "samples.md")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import random
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -235,6 +235,12 @@ def run_training(cfg: DictConfig, hooks: Sequence[Hooks], stop: StopSignal) -> T
     chosen_by_rank_zero = (cfg.train.checkpoint_dir, cfg.train.resume_from)
     cfg.train.checkpoint_dir, cfg.train.resume_from = distributed.broadcast_object(chosen_by_rank_zero, env)
     hooks = list(hooks) if is_main else []
+    checkpoint_dir = resolve_path(cfg.train.checkpoint_dir) if cfg.train.get("checkpoint_dir") else None
+    if checkpoint_dir is not None and is_main:  # find out now, not after hours of training
+        try:
+            checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise UserError(f"cannot create the checkpoint folder {checkpoint_dir} ({err.strerror}); set out_dir or train.checkpoint_dir to a writable folder") from None
     console = Console(quiet=not is_main)
     if cfg.train.threads > 0 and env.device.type == "cpu":
         torch.set_num_threads(cfg.train.threads)
@@ -258,6 +264,7 @@ def run_training(cfg: DictConfig, hooks: Sequence[Hooks], stop: StopSignal) -> T
     model = MiniMindForCausalLM(model_config).to(env.device)
     optimizer = build_optimizer(model, cfg, env.device)
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
+    skipped = SkippedSteps(cfg.train.max_skipped_steps)
     state = TrainState(model=model, optimizer=optimizer, scaler=scaler, sampler=sampler)
     resume_from = cfg.train.get("resume_from", "")
     if resume_from:
@@ -294,7 +301,6 @@ def run_training(cfg: DictConfig, hooks: Sequence[Hooks], stop: StopSignal) -> T
     for hook in hooks:
         hook.on_start(RunInfo(cfg, model, tokenizer, data_info, derived, state.step))
 
-    checkpoint_dir = resolve_path(cfg.train.checkpoint_dir) if cfg.train.get("checkpoint_dir") else None
     last_checkpoint: Path | None = None
 
     def save(step: int) -> None:
@@ -319,6 +325,9 @@ def run_training(cfg: DictConfig, hooks: Sequence[Hooks], stop: StopSignal) -> T
         console=console, disable=not is_main, transient=False,
     )
 
+    # a non-finite loss, or (without fp16, whose scaler skips such steps) gradient norm: the weights are broken from here on
+    watched = [("loss", "train/loss")] + ([] if scaler.is_enabled() else [("gradient norm", "train/grad_norm")])
+
     def flush_metrics(step: int) -> None:
         nonlocal interval_start, interval_tokens
         if not pending:
@@ -335,12 +344,12 @@ def run_training(cfg: DictConfig, hooks: Sequence[Hooks], stop: StopSignal) -> T
             rows.append((s, {"train/loss": loss, "train/lr": lr, "train/grad_norm": norm}))
         rows[-1][1].update({"train/tokens_per_sec": tokens_per_sec, "train/mfu": mfu})
         pending.clear()
-        bad = [(s, r["train/loss"]) for s, r in rows if not math.isfinite(r["train/loss"])]
+        bad = [(s, name, r[key]) for s, r in rows for name, key in watched if not math.isfinite(r[key])]
         history.extend(rows)
         for hook in hooks:
             hook.on_metrics(rows)
         if bad:
-            raise NonFiniteLoss(bad[0][0], bad[0][1], last_checkpoint)
+            raise NonFiniteLoss(*bad[0], last_checkpoint, precision)
         progress.update(task, completed=step, status=f"loss {losses[-1]:.3f}  lr {rows[-1][1]['train/lr']:.2e}  {tokens_per_sec:,.0f} tok/s" + (f"  val {val_loss:.3f}" if math.isfinite(val_loss) else ""))
         interval_start, interval_tokens = time.perf_counter(), 0
 
@@ -351,7 +360,7 @@ def run_training(cfg: DictConfig, hooks: Sequence[Hooks], stop: StopSignal) -> T
         return distributed.mean_over_ranks(torch.tensor(float(stop.received is not None), device=env.device), env).item() > 0
 
     start_step = state.step
-    with progress, stop.at_step_boundaries():
+    with progress, stop.at_step_boundaries(), out_of_memory_advice(cfg):
         task = progress.add_task("train", total=cfg.train.max_steps, completed=state.step, status="")
         while state.step < cfg.train.max_steps and not stop_requested():
             step = state.step
@@ -377,13 +386,15 @@ def run_training(cfg: DictConfig, hooks: Sequence[Hooks], stop: StopSignal) -> T
                 grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
             else:
                 grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
-            scaler.step(optimizer)
-            scaler.update()
+            optimizer_step(scaler, optimizer, skipped, step + 1)
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
             state.tokens_seen += tokens_per_step
             interval_tokens += tokens_per_step
             pending.append((state.step, lr, step_loss, grad_norm.detach()))
+            # on CPU reading the loss costs nothing: stop at the first bad step (on a GPU it would sync every step; the flush checks)
+            if env.device.type == "cpu" and not env.is_distributed and not (math.isfinite(step_loss.item()) and math.isfinite(grad_norm.item())):
+                flush_metrics(state.step)  # raises NonFiniteLoss
 
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
                 flush_metrics(state.step)
@@ -427,10 +438,58 @@ def run_training(cfg: DictConfig, hooks: Sequence[Hooks], stop: StopSignal) -> T
     return result
 
 
-class NonFiniteLoss(UserError):
-    """The loss became NaN or inf: training stops at once rather than burn compute on garbage."""
+def optimizer_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, skipped: "SkippedSteps", step: int) -> None:
+    """One (possibly scaled) optimizer step; with fp16, count the steps the scaler skipped."""
+    scale_before = scaler.get_scale() if scaler.is_enabled() else 0.0
+    scaler.step(optimizer)
+    scaler.update()
+    if scaler.is_enabled():  # get_scale() syncs, but an fp16 step already waited for its overflow check
+        skipped.update(scale_before, scaler.get_scale(), step)
 
-    def __init__(self, step: int, value: float, last_checkpoint: Path | None):
+
+class SkippedSteps:
+    """fp16: GradScaler skips a step whose gradients overflowed and lowers its scale; many in a row means the run diverged."""
+
+    def __init__(self, limit: int):
+        self.limit = limit  # consecutive skipped steps that stop the run; 0 = never stop
+        self.in_a_row = 0
+        self.total = 0
+
+    def update(self, scale_before: float, scale_after: float, step: int) -> None:
+        if scale_after >= scale_before:  # the step was taken (the scale only drops on overflow)
+            self.in_a_row = 0
+            return
+        self.in_a_row += 1
+        self.total += 1
+        if self.limit > 0 and self.in_a_row >= self.limit:
+            raise UserError(
+                f"fp16 gradients overflowed {self.in_a_row} steps in a row (up to step {step}, loss scale now {scale_after:g}); "
+                "lower train.lr, use train.precision=bf16 or fp32, or raise train.max_skipped_steps"
+            )
+
+
+@contextmanager
+def out_of_memory_advice(cfg: DictConfig):
+    """Turn an out-of-memory error of the accelerator into one line saying which knobs to turn."""
+    try:
+        yield
+    except torch.OutOfMemoryError:
+        raise UserError(
+            f"out of accelerator memory at train.batch_size={cfg.train.batch_size}, data.seq_len={cfg.data.seq_len}; "
+            "lower train.batch_size or data.seq_len (raise train.grad_accum to keep the tokens per step)"
+        ) from None
+
+
+class NonFiniteLoss(UserError):
+    """The loss (or gradient norm) became NaN or inf: training stops rather than burn compute on garbage.
+
+    On CPU both are checked after every step; on an accelerator at each metrics flush
+    (every train.log_every steps, and before any checkpoint), so no checkpoint holds a
+    diverged model and at most log_every - 1 steps run past the first bad one.
+    """
+
+    def __init__(self, step: int, what: str, value: float, last_checkpoint: Path | None, precision: str = "fp32"):
         self.step = step
         kept = f"last good checkpoint: {last_checkpoint}" if last_checkpoint else "no checkpoint was written before it"
-        super().__init__(f"loss became {value} at step {step}; lower train.lr or use train.precision=fp32 ({kept})")
+        fix = "lower train.lr or train.grad_clip" + (f", or use train.precision=fp32 instead of {precision}" if precision != "fp32" else "")
+        super().__init__(f"{what} became {value} at step {step}; {fix} ({kept})")
