@@ -1,6 +1,6 @@
 """Optuna study of the baseline's lr, warmup and min-lr ratio: 20 short trials with Hyperband pruning, about 15 minutes on 2 CPU cores.
 
-Budget: the baseline trains 340 steps in about 3 minutes (~0.55 s a step on 2 cores), so 20
+Budget: the baseline trains 340 steps in about 3 minutes (0.45-0.55 s a step on 2 cores), so 20
 full-length trials would take an hour. Trials here train 100 steps (~1 minute with their five
 evaluations), enough to tell good learning rates from bad ones, and Hyperband stops the
 clearly worse trials at step 20 or 60. Simulated on synthetic loss curves, a 20-trial study

@@ -62,7 +62,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     precision: str = "auto"  # auto | fp32 | bf16 | fp16 (auto: bf16 where the hardware runs it fast, else fp32)
     max_skipped_steps: int = 20  # fp16: stop after this many steps in a row skipped for overflowing gradients; 0 = never
-    compile: bool = False  # wrap the model in torch.compile
+    compile: str = "auto"  # torch.compile the forward/backward: auto | true | false (auto: on CUDA, and on CPU for models of 10M+ parameters)
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
     eval_every: int = 100  # steps between validation passes; 0 = only at the end
@@ -102,6 +102,19 @@ class SweepConfig:
 
 
 @dataclass
+class BenchConfig:
+    steps: int = 5  # measured steps per candidate; medians are reported
+    warmup_steps: int = 2  # steps per candidate run first and not counted (allocation, compilation)
+    padded: bool = True  # also time our step with data.packing=false
+    llama: bool = True  # also time transformers' LlamaForCausalLM in a plain loop (the reference of the ratios)
+    compile: bool = True  # also time our step with train.compile switched the other way, and a compiled Llama
+    default_allocator_first: bool = True  # CPU: time every candidate under glibc's defaults first, then with the trainer's allocator setting
+    profile: bool = True  # add a torch.profiler breakdown of one step of ours (each compile setting) to the report
+    out: str = "results/bench"  # folder of the report
+    machine: str = ""  # report file name (without .md); "" = the device name and thread count
+
+
+@dataclass
 class Config:
     exp: str = "baseline"  # named experiment in experiments/ (set by run.py)
     seed: int = 1337  # seeds model init, data order and sampling
@@ -111,6 +124,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
 
 
 def valid_keys(node: Any = None, prefix: str = "") -> list[str]:
@@ -217,6 +231,7 @@ def validate(cfg: DictConfig) -> None:
         (t.lr > 0, f"train.lr must be > 0, got {t.lr}"),
         (0 <= t.warmup_steps <= t.max_steps, f"train.warmup_steps must be in [0, train.max_steps={t.max_steps}], got {t.warmup_steps}"),
         (0.0 <= t.min_lr_ratio <= 1.0, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}"),
+        (str(t.compile).lower() in ("auto", "true", "false"), f"train.compile must be auto, true or false, got '{t.compile}'"),
         (t.precision in ("auto", "fp32", "bf16", "fp16"), f"train.precision must be auto, fp32, bf16 or fp16, got '{t.precision}'"),
         (t.eval_every >= 0 and t.log_every > 0, "train.eval_every must be >= 0 and train.log_every > 0"),
         (t.max_skipped_steps >= 0, f"train.max_skipped_steps must be >= 0 (0 = never stop), got {t.max_skipped_steps}"),
@@ -229,6 +244,7 @@ def validate(cfg: DictConfig) -> None:
         (d.seq_len <= m.max_position_embeddings,
          f"data.seq_len ({d.seq_len}) exceeds model.max_position_embeddings ({m.max_position_embeddings}); lower data.seq_len or raise the model maximum"),
         (0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}"),
+        (cfg.bench.steps > 0 and cfg.bench.warmup_steps >= 0, "bench.steps must be > 0 and bench.warmup_steps >= 0"),
         (cfg.sweep.pruner in ("hyperband", "median", "none"), f"sweep.pruner must be hyperband, median or none, got '{cfg.sweep.pruner}'"),
     ]
     for ok, message in checks:

@@ -6,8 +6,10 @@ products are emulated and run ~100x slower than fp32, so `precision=auto` picks 
 
 from __future__ import annotations
 
+import ctypes
 import json
 import platform
+import shutil
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -29,6 +31,9 @@ GPU_PEAK_FLOPS = {
     "V100": 125e12,
     "T4": 65e12,
 }
+
+
+COMPILE_MIN_PARAMETERS = 10_000_000  # train.compile=auto compiles CPU runs of models at least this large
 
 
 @lru_cache(maxsize=1)
@@ -74,6 +79,40 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def resolve_compile(setting: str, device: torch.device, parameters: int) -> bool:
+    """Turn `train.compile` (auto | true | false) into a yes or no for this model on this device.
+
+    auto: always on CUDA. On a CPU (with a C++ compiler, which torch.compile needs there) from
+    COMPILE_MIN_PARAMETERS up: compiling the blocks takes ~10 s, and made minimind2-small (25.8M)
+    steps 1.15-1.3x faster on 2 cores, but the 2.9M baseline's no faster (results/bench/).
+    """
+    setting = str(setting).lower()
+    if setting != "auto":
+        return setting == "true"
+    if device.type == "cuda":
+        return True
+    return parameters >= COMPILE_MIN_PARAMETERS and shutil.which("g++") is not None
+
+
+def keep_freed_memory() -> None:
+    """Make glibc keep freed memory for reuse instead of handing it back to the OS (CPU training).
+
+    A training step allocates and frees the same large activation buffers every time. By default
+    glibc serves big requests with mmap and unmaps them on free (and trims the heap's free top), so
+    the next step page-faults every page in again: ~100,000 faults a step at the minimind2-small
+    shape, which made steps 1.2-1.35x slower on 2 cores (results/bench/). The cost: the process keeps
+    its peak memory until it exits. No-op where the C library is not glibc.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return
+    M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
+    mallopt(M_MMAP_MAX, 0)  # big buffers come from the heap, where freed ones are reused
+    mallopt(M_TRIM_THRESHOLD, -1)  # and the heap's free top is never handed back (-1: trimming off)
+
+
 def autocast_dtype(precision: str) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
@@ -97,6 +136,15 @@ def measure_matmul_flops(dtype: torch.dtype, device: torch.device, size: int = 1
     return 2 * size**3 / times[len(times) // 2]
 
 
+def matmul_sizes(precision: str, device: torch.device) -> list[int]:
+    """Square sizes to find the matmul ceiling at: large enough to saturate the device, small enough for an emulated dtype."""
+    if device.type == "cuda":
+        return [4096, 8192]
+    if precision == "bf16" and not cpu_has_fast_bf16():  # emulated bf16 runs ~1 GFLOP/s: keep each product small
+        return [256, 512]
+    return [1024, 2048]
+
+
 def peak_flops(device: torch.device, precision: str, cache_dir: Path | None = None) -> float:
     """Peak FLOP/s for MFU: a known table for GPUs, a (cached) measurement for CPUs."""
     if device.type == "cuda":
@@ -105,7 +153,7 @@ def peak_flops(device: torch.device, precision: str, cache_dir: Path | None = No
             if key in name:
                 return flops if precision in ("bf16", "fp16") else flops / 2
     dtype = autocast_dtype(precision) or torch.float32
-    key = f"{device_name(device)}|{torch.get_num_threads()}|{dtype}"
+    key = f"{device_name(device)}|{torch.get_num_threads()}|{dtype}|best of {matmul_sizes(precision, device)}"
     cache = (cache_dir / "peak_flops.json") if cache_dir else None
     known = {}
     if cache and cache.exists():
@@ -114,7 +162,7 @@ def peak_flops(device: torch.device, precision: str, cache_dir: Path | None = No
         except (OSError, ValueError):
             known = {}
     if key not in known:
-        known[key] = measure_matmul_flops(dtype, device, size=512 if dtype != torch.float32 and not cpu_has_fast_bf16() else 1024)
+        known[key] = max(measure_matmul_flops(dtype, device, size=size) for size in matmul_sizes(precision, device))
         if cache:
             try:
                 cache.parent.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from research.checkpoint import StopSignal, checkpoint_path, load_checkpoint, pr
 from research.config import resolve_path, to_yaml
 from research.data import BatchSampler, build_datasets, eval_batches
 from research.errors import UserError
-from research.hardware import autocast_dtype, device_name, peak_flops, resolve_precision
+from research.hardware import autocast_dtype, device_name, keep_freed_memory, peak_flops, resolve_compile, resolve_precision
 from research.model import MiniMindForCausalLM, config_from, flops_per_token, num_params
 from research.schedule import lr_at
 from research.tokenizer import load_tokenizer
@@ -155,6 +155,7 @@ def build_optimizer(model: torch.nn.Module, cfg: DictConfig, device: torch.devic
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # compiled blocks would recompile for each new shape; validation is a small share
 def evaluate(model: torch.nn.Module, val_ds, cfg: DictConfig, device: torch.device, amp, env: distributed.DistEnv | None = None) -> float:
     """Mean masked loss over the first `train.eval_batches` validation batches (a fixed set).
 
@@ -181,6 +182,7 @@ def evaluate(model: torch.nn.Module, val_ds, cfg: DictConfig, device: torch.devi
 
 
 @torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # a growing KV cache would recompile compiled blocks at every new length
 def generate_samples(
     model: MiniMindForCausalLM, tokenizer, prompts: Sequence[str], max_new_tokens: int, seed: int, device: torch.device,
     temperature: float = 0.8, top_k: int = 50, streamer=None,
@@ -217,6 +219,110 @@ def describe(derived: dict[str, Any], console: Console) -> None:
     console.print(table)
 
 
+@dataclass
+class Setup:
+    """What a run builds before its first step; `train` and the benchmark both start from it."""
+
+    tokenizer: Any
+    train_ds: Any
+    val_ds: Any
+    data_info: Any
+    model_config: Any
+    state: TrainState
+    step: "StepRunner"
+    precision: str  # fp32 | bf16 | fp16, resolved for the device
+    amp: Callable[[], Any]  # a fresh autocast context (or nullcontext) per use
+    compiled: bool  # the forward/backward runs through torch.compile
+
+
+def setup(cfg: DictConfig, env: distributed.DistEnv) -> Setup:
+    """Tokenizer, datasets, seeded model, optimizer, scaler, sampler and the step function, for `cfg` on `env`.
+
+    A `train.resume_from` checkpoint is loaded here, so the state is exactly where the run left off.
+    """
+    if cfg.train.threads > 0 and env.device.type == "cpu":
+        torch.set_num_threads(cfg.train.threads)
+    precision = resolve_precision(cfg.train.precision, env.device)
+    amp_dtype = autocast_dtype(precision)
+
+    def amp():
+        return torch.autocast(env.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if len(tokenizer) > cfg.model.vocab_size:
+        raise UserError(f"tokenizer at {cfg.data.tokenizer} has {len(tokenizer)} tokens but model.vocab_size={cfg.model.vocab_size}; set model.vocab_size>={len(tokenizer)}")
+    with distributed.rank_zero_first(env):  # rank 0 builds the token cache, the others then read it
+        train_ds, val_ds, data_info = build_datasets(cfg.data, tokenizer)
+    sampler = BatchSampler(train_ds, cfg.train.batch_size, seed=cfg.seed, rank=env.rank, world_size=env.world_size)
+
+    # seeded, so every rank starts from the same weights
+    seed_everything(cfg.seed)
+    model_config = config_from(cfg.model, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = MiniMindForCausalLM(model_config).to(env.device)
+    optimizer = build_optimizer(model, cfg, env.device)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
+    state = TrainState(model=model, optimizer=optimizer, scaler=scaler, sampler=sampler)
+    resume_from = cfg.train.get("resume_from", "")
+    if resume_from:
+        state.load_state_dict(load_checkpoint(resolve_path(resume_from))["state"])
+    else:
+        seed_everything(cfg.seed + env.rank)  # dropout differs per rank; data order comes from the sampler
+
+    compiled = resolve_compile(cfg.train.compile, env.device, num_params(model))
+    if compiled:  # regional compilation: one graph for the block, compiled once and reused by every layer
+        for block in model.model.layers:
+            block.compile()
+    forward_model = model
+    if env.is_distributed:
+        forward_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    step = StepRunner(state, forward_model, amp, cfg.train.grad_clip, env, SkippedSteps(cfg.train.max_skipped_steps))
+    return Setup(tokenizer, train_ds, val_ds, data_info, model_config, state, step, precision, amp, compiled)
+
+
+class StepRunner:
+    """One optimizer step: forward and backward over the step's micro-batches, unscale, clip, AdamW.
+
+    The training loop and the benchmark time exactly this. It never waits for the device: the
+    loss and the gradient norm come back as tensors, and the loop reads them once per log interval.
+    """
+
+    def __init__(self, state: TrainState, forward_model: torch.nn.Module, amp: Callable[[], Any], grad_clip: float,
+                 env: distributed.DistEnv, skipped: "SkippedSteps"):
+        self.state, self.forward_model, self.amp, self.grad_clip, self.env, self.skipped = state, forward_model, amp, grad_clip, env, skipped
+        self.pin = env.device.type == "cuda"  # page-locked host memory: the copy to the GPU overlaps compute
+
+    def to_device(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: (v.pin_memory() if self.pin else v).to(self.env.device, non_blocking=True) for k, v in batch.items()}
+
+    def __call__(self, micro_batches: list[dict[str, torch.Tensor]], lr: float) -> tuple[torch.Tensor, torch.Tensor]:
+        state, env = self.state, self.env
+        for group in state.optimizer.param_groups:
+            group["lr"] = lr
+        # the loss is the sum over every kept token of the step divided by their count, on all ranks; DDP
+        # averages gradients over ranks, so each rank divides by the mean count (a tensor: no wait for it)
+        kept_tokens = torch.tensor(float(sum(int(b["loss_mask"].sum()) for b in micro_batches)), device=env.device)
+        kept_tokens = distributed.mean_over_ranks(kept_tokens, env).clamp(min=1.0)
+        step_loss = torch.zeros((), device=env.device)
+        for i, batch in enumerate(micro_batches):
+            batch = self.to_device(batch)
+            last_micro = i == len(micro_batches) - 1
+            sync = self.forward_model.no_sync() if env.is_distributed and not last_micro else nullcontext()
+            with sync, self.amp():
+                logits = self.forward_model(batch["input_ids"]).logits
+                loss = masked_cross_entropy(logits, batch["labels"], batch["loss_mask"], kept_tokens)
+            state.scaler.scale(loss).backward()
+            step_loss += loss.detach()
+        state.scaler.unscale_(state.optimizer)
+        params = [p for p in state.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if self.grad_clip > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, self.grad_clip, grad_norm, foreach=True)
+        optimizer_step(state.scaler, state.optimizer, self.skipped, state.step + 1)
+        state.optimizer.zero_grad(set_to_none=True)
+        state.step += 1
+        return step_loss, grad_norm.detach()
+
+
 def train(cfg: DictConfig, hooks: Sequence[Hooks] = ()) -> TrainResult:
     """Pretrain a model as `cfg` says; hooks watch (and may stop) the run.
 
@@ -242,64 +348,32 @@ def run_training(cfg: DictConfig, hooks: Sequence[Hooks], stop: StopSignal) -> T
         except OSError as err:
             raise UserError(f"cannot create the checkpoint folder {checkpoint_dir} ({err.strerror}); set out_dir or train.checkpoint_dir to a writable folder") from None
     console = Console(quiet=not is_main)
-    if cfg.train.threads > 0 and env.device.type == "cpu":
-        torch.set_num_threads(cfg.train.threads)
-    precision = resolve_precision(cfg.train.precision, env.device)
-    amp_dtype = autocast_dtype(precision)
-
-    def amp():
-        return torch.autocast(env.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
-
-    # ---- data ----
-    tokenizer = load_tokenizer(cfg.data.tokenizer)
-    if len(tokenizer) > cfg.model.vocab_size:
-        raise UserError(f"tokenizer at {cfg.data.tokenizer} has {len(tokenizer)} tokens but model.vocab_size={cfg.model.vocab_size}; set model.vocab_size>={len(tokenizer)}")
-    with distributed.rank_zero_first(env):  # rank 0 builds the token cache, the others then read it
-        train_ds, val_ds, data_info = build_datasets(cfg.data, tokenizer)
-    sampler = BatchSampler(train_ds, cfg.train.batch_size, seed=cfg.seed, rank=env.rank, world_size=env.world_size)
-
-    # ---- model and optimizer (seeded, so every rank starts from the same weights) ----
-    seed_everything(cfg.seed)
-    model_config = config_from(cfg.model, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-    model = MiniMindForCausalLM(model_config).to(env.device)
-    optimizer = build_optimizer(model, cfg, env.device)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
-    skipped = SkippedSteps(cfg.train.max_skipped_steps)
-    state = TrainState(model=model, optimizer=optimizer, scaler=scaler, sampler=sampler)
-    resume_from = cfg.train.get("resume_from", "")
-    if resume_from:
-        payload = load_checkpoint(resolve_path(resume_from))
-        state.load_state_dict(payload["state"])
-    else:
-        seed_everything(cfg.seed + env.rank)  # dropout differs per rank; data order comes from the sampler
-
-    step_model = model
-    if env.is_distributed:
-        step_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    if cfg.train.compile:
-        step_model = torch.compile(step_model)
+    if env.device.type == "cpu":
+        keep_freed_memory()  # the next step's activations reuse this step's memory instead of page-faulting it in again
+    run = setup(cfg, env)
+    state, model, precision = run.state, run.state.model, run.precision
 
     # ---- derived quantities, printed once ----
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum * env.world_size
-    flops_token = flops_per_token(model_config, cfg.data.seq_len)
+    flops_token = flops_per_token(run.model_config, cfg.data.seq_len)
     with distributed.rank_zero_first(env):  # one CPU measurement, cached, rather than one per rank at once
         peak = peak_flops(env.device, precision, resolve_path(cfg.out_dir) / "cache")
     derived = {
         "experiment": cfg.exp,
         "device": f"{device_name(env.device)} ({env.device.type}, {torch.get_num_threads() if env.device.type == 'cpu' else 1} threads) x {env.world_size} rank(s)",
-        "precision": precision,
+        "precision": precision + (", torch.compile" if run.compiled else ""),
         "parameters": num_params(model),
         "non-embedding parameters": num_params(model, non_embedding=True),
         "tokens per step": tokens_per_step,
         "FLOPs per token": int(flops_token),
         "total tokens": tokens_per_step * cfg.train.max_steps,
-        "epochs over train split": tokens_per_step * cfg.train.max_steps / max(1, data_info.train_tokens),
-        "train / val tokens": f"{data_info.train_tokens:,} / {data_info.val_tokens:,}",
+        "epochs over train split": tokens_per_step * cfg.train.max_steps / max(1, run.data_info.train_tokens),
+        "train / val tokens": f"{run.data_info.train_tokens:,} / {run.data_info.val_tokens:,}",
         "peak FLOP/s (for MFU)": peak,
     }
     describe(derived, console)
     for hook in hooks:
-        hook.on_start(RunInfo(cfg, model, tokenizer, data_info, derived, state.step))
+        hook.on_start(RunInfo(cfg, model, run.tokenizer, run.data_info, derived, state.step))
 
     last_checkpoint: Path | None = None
 
@@ -314,11 +388,20 @@ def run_training(cfg: DictConfig, hooks: Sequence[Hooks], stop: StopSignal) -> T
         for hook in hooks:
             hook.on_checkpoint(step, path)
 
+    def run_eval() -> float:
+        value = evaluate(model, run.val_ds, cfg, env.device, run.amp, env)
+        row = {"val/loss": value, "val/perplexity": math.exp(min(value, 50.0))}
+        history.append((state.step, row))
+        for hook in hooks:
+            hook.on_metrics([(state.step, row)])
+            hook.on_eval(state.step, row)
+        return value
+
     # ---- the loop ----
     history: list[tuple[int, dict[str, float]]] = []
     pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # (step, lr, loss, grad_norm), read once per log interval
     val_loss = float("nan")
-    interval_start, interval_tokens = time.perf_counter(), 0
+    interval = IntervalClock()
     model.train()
     progress = Progress(
         TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"), TimeRemainingColumn(),
@@ -326,99 +409,74 @@ def run_training(cfg: DictConfig, hooks: Sequence[Hooks], stop: StopSignal) -> T
     )
 
     # a non-finite loss, or (without fp16, whose scaler skips such steps) gradient norm: the weights are broken from here on
-    watched = [("loss", "train/loss")] + ([] if scaler.is_enabled() else [("gradient norm", "train/grad_norm")])
+    watched = [("loss", "train/loss")] + ([] if state.scaler.is_enabled() else [("gradient norm", "train/grad_norm")])
 
     def flush_metrics(step: int) -> None:
-        nonlocal interval_start, interval_tokens
         if not pending:
             return
-        losses = torch.stack([p[2] for p in pending])
-        norms = torch.stack([p[3] for p in pending])
-        losses = distributed.mean_over_ranks(losses, env).tolist()
-        norms = norms.tolist()
-        elapsed = time.perf_counter() - interval_start
-        tokens_per_sec = interval_tokens / max(elapsed, 1e-9)
-        mfu = tokens_per_sec * flops_token / peak
-        rows = []
-        for (s, lr, _, _), loss, norm in zip(pending, losses, norms):
-            rows.append((s, {"train/loss": loss, "train/lr": lr, "train/grad_norm": norm}))
-        rows[-1][1].update({"train/tokens_per_sec": tokens_per_sec, "train/mfu": mfu})
+        losses = distributed.mean_over_ranks(torch.stack([p[2] for p in pending]), env).tolist()  # the one device sync of the interval
+        norms = torch.stack([p[3] for p in pending]).tolist()
+        elapsed, data_s, tracking_s = interval.lap()
+        tokens_per_sec = interval.tokens / max(elapsed, 1e-9)
+        rows = [(s, {"train/loss": loss, "train/lr": lr, "train/grad_norm": norm}) for (s, lr, _, _), loss, norm in zip(pending, losses, norms)]
+        rows[-1][1].update({
+            "train/tokens_per_sec": tokens_per_sec,
+            "train/mfu": tokens_per_sec * flops_token / peak,
+            "train/data_wait_share": data_s / max(elapsed, 1e-9),  # of the interval's wall time
+            "train/tracking_share": tracking_s / max(elapsed, 1e-9),  # hooks and progress display, the previous flush's included
+        })
+        interval.tokens = 0
         pending.clear()
         bad = [(s, name, r[key]) for s, r in rows for name, key in watched if not math.isfinite(r[key])]
         history.extend(rows)
-        for hook in hooks:
-            hook.on_metrics(rows)
-        if bad:
-            raise NonFiniteLoss(*bad[0], last_checkpoint, precision)
-        progress.update(task, completed=step, status=f"loss {losses[-1]:.3f}  lr {rows[-1][1]['train/lr']:.2e}  {tokens_per_sec:,.0f} tok/s" + (f"  val {val_loss:.3f}" if math.isfinite(val_loss) else ""))
-        interval_start, interval_tokens = time.perf_counter(), 0
+        with interval.timing("tracking"):
+            for hook in hooks:
+                hook.on_metrics(rows)
+            if bad:
+                raise NonFiniteLoss(*bad[0], last_checkpoint, precision)
+            progress.update(task, completed=step, status=f"loss {losses[-1]:.3f}  lr {rows[-1][1]['train/lr']:.2e}  {tokens_per_sec:,.0f} tok/s" + (f"  val {val_loss:.3f}" if math.isfinite(val_loss) else ""))
 
     def stop_requested() -> bool:
-        """A signal arrived; with several ranks, on any of them (so all stop after the same step)."""
+        """A signal arrived. With several ranks, on any of them, so that all stop after the same step; asked
+        once per log interval, as it costs an all-reduce and a device sync."""
         if not env.is_distributed:
             return stop.received is not None
+        if state.step % cfg.train.log_every != 0:
+            return False
         return distributed.mean_over_ranks(torch.tensor(float(stop.received is not None), device=env.device), env).item() > 0
 
     start_step = state.step
     with progress, stop.at_step_boundaries(), out_of_memory_advice(cfg):
         task = progress.add_task("train", total=cfg.train.max_steps, completed=state.step, status="")
         while state.step < cfg.train.max_steps and not stop_requested():
-            step = state.step
-            lr = lr_at(step, cfg.train.lr, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            micro_batches = [sampler.next_batch() for _ in range(cfg.train.grad_accum)]
-            kept_tokens = sum(b["loss_mask"].sum().item() for b in micro_batches)  # normalise by all kept tokens of the step
-            if env.is_distributed:  # ... of all ranks: DDP averages gradients, so divide by this rank's share of them
-                kept_tokens = distributed.mean_over_ranks(torch.tensor(kept_tokens, device=env.device), env).item()
-            step_loss = torch.zeros((), device=env.device)
-            for i, batch in enumerate(micro_batches):
-                batch = {k: v.to(env.device, non_blocking=True) for k, v in batch.items()}
-                last_micro = i == len(micro_batches) - 1
-                sync = step_model.no_sync() if env.is_distributed and not last_micro else nullcontext()
-                with sync, amp():
-                    logits = step_model(batch["input_ids"]).logits
-                    loss = masked_cross_entropy(logits, batch["labels"], batch["loss_mask"], max(kept_tokens, 1))
-                scaler.scale(loss).backward()
-                step_loss += loss.detach()
-            scaler.unscale_(optimizer)
-            if cfg.train.grad_clip > 0:
-                grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            else:
-                grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
-            optimizer_step(scaler, optimizer, skipped, step + 1)
-            optimizer.zero_grad(set_to_none=True)
-            state.step += 1
+            lr = lr_at(state.step, cfg.train.lr, cfg.train.warmup_steps, cfg.train.max_steps, cfg.train.min_lr_ratio)
+            with interval.timing("data"):
+                micro_batches = [state.sampler.next_batch() for _ in range(cfg.train.grad_accum)]
+            loss, grad_norm = run.step(micro_batches, lr)
             state.tokens_seen += tokens_per_step
-            interval_tokens += tokens_per_step
-            pending.append((state.step, lr, step_loss, grad_norm.detach()))
+            interval.tokens += tokens_per_step
+            pending.append((state.step, lr, loss, grad_norm))
             # on CPU reading the loss costs nothing: stop at the first bad step (on a GPU it would sync every step; the flush checks)
-            if env.device.type == "cpu" and not env.is_distributed and not (math.isfinite(step_loss.item()) and math.isfinite(grad_norm.item())):
+            if env.device.type == "cpu" and not env.is_distributed and not (math.isfinite(loss.item()) and math.isfinite(grad_norm.item())):
                 flush_metrics(state.step)  # raises NonFiniteLoss
 
             if state.step % cfg.train.log_every == 0 or state.step == cfg.train.max_steps:
                 flush_metrics(state.step)
-            at_eval = cfg.train.eval_every > 0 and state.step % cfg.train.eval_every == 0
-            if at_eval or state.step == cfg.train.max_steps:
+            if (cfg.train.eval_every > 0 and state.step % cfg.train.eval_every == 0) or state.step == cfg.train.max_steps:
                 flush_metrics(state.step)
-                val_loss = evaluate(model, val_ds, cfg, env.device, amp, env)
-                val_row = {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50.0))}
-                history.append((state.step, val_row))
-                for hook in hooks:
-                    hook.on_metrics([(state.step, val_row)])
-                    hook.on_eval(state.step, val_row)
-                interval_start = time.perf_counter()  # eval time is not training throughput
+                val_loss = run_eval()
+                interval.restart()  # eval time is not training throughput
             if cfg.train.checkpoint_every > 0 and state.step % cfg.train.checkpoint_every == 0 and state.step < cfg.train.max_steps:
                 save(state.step)
         if start_step == state.step == cfg.train.max_steps:  # resumed from the final checkpoint: the end still wants a val loss
-            val_loss = evaluate(model, val_ds, cfg, env.device, amp, env)
+            val_loss = evaluate(model, run.val_ds, cfg, env.device, run.amp, env)
         save(state.step)
     if state.step < cfg.train.max_steps:  # stopped by a signal, at a step boundary
         saved = f"checkpoint {last_checkpoint}" if last_checkpoint else "no checkpoint (train.checkpoint_dir is empty)"
         console.print(f"{stop.name}: stopped after step {state.step} of {cfg.train.max_steps}; {saved}", soft_wrap=True, markup=False)
         raise KeyboardInterrupt
 
-    samples = generate_samples(model, tokenizer, list(cfg.train.samples), cfg.train.sample_tokens, cfg.seed, env.device) if is_main else []
+    samples = generate_samples(model, run.tokenizer, list(cfg.train.samples), cfg.train.sample_tokens, cfg.seed, env.device) if is_main else []
     result = TrainResult(
         final_val_loss=val_loss,
         steps=state.step,
@@ -427,15 +485,44 @@ def run_training(cfg: DictConfig, hooks: Sequence[Hooks], stop: StopSignal) -> T
         history=history,
         samples=samples,
         model=model,
-        tokenizer=tokenizer,
+        tokenizer=run.tokenizer,
         checkpoint=last_checkpoint,
         derived=derived,
     )
     for hook in hooks:
         hook.on_end(result)
-    del step_model  # the DDP reducer holds the process group: freeing it after the group is destroyed can deadlock gloo
+    del run  # the DDP reducer holds the process group: freeing it after the group is destroyed can deadlock gloo
     distributed.teardown(env)
     return result
+
+
+class IntervalClock:
+    """Wall time of the current log interval, and how much of it went to fetching data and to tracking.
+
+    Every second lands in exactly one interval: `lap()` starts the next one before the flush calls the
+    hooks, so tracking time is charged to the interval it delays.
+    """
+
+    def __init__(self):
+        self.restart()
+
+    def restart(self) -> None:
+        self.start, self.spent, self.tokens = time.perf_counter(), {"data": 0.0, "tracking": 0.0}, 0
+
+    @contextmanager
+    def timing(self, what: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.spent[what] += time.perf_counter() - start
+
+    def lap(self) -> tuple[float, float, float]:
+        """(seconds, data seconds, tracking seconds) of the interval now ending; the next begins."""
+        now = time.perf_counter()
+        elapsed, spent = now - self.start, self.spent
+        self.start, self.spent = now, {"data": 0.0, "tracking": 0.0}
+        return elapsed, spent["data"], spent["tracking"]
 
 
 def optimizer_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, skipped: "SkippedSteps", step: int) -> None:

@@ -38,8 +38,11 @@ def test_tracked_run_logs_params_metrics_and_artifacts(tiny_cfg):
     assert run.data.tags["data.digest"] and run.data.tags["torch"] == torch.__version__
     losses = client.get_metric_history(result.run_id, "train/loss")
     assert [m.step for m in sorted(losses, key=lambda m: m.step)] == list(range(1, cfg.train.max_steps + 1))
-    for name in ["train/lr", "train/grad_norm", "train/tokens_per_sec", "val/loss", "val/perplexity"]:
+    for name in ["train/lr", "train/grad_norm", "train/tokens_per_sec", "train/mfu", "val/loss", "val/perplexity"]:
         assert client.get_metric_history(result.run_id, name), name
+    for name in ["train/data_wait_share", "train/tracking_share"]:  # shares of the log interval's wall time
+        shares = [m.value for m in client.get_metric_history(result.run_id, name)]
+        assert shares and all(0.0 <= v < 1.0 for v in shares), (name, shares)
     val = sorted(client.get_metric_history(result.run_id, "val/loss"), key=lambda m: m.step)
     assert [m.step for m in val] == [6, 12]
     assert math.isclose(val[-1].value, result.final_val_loss)

@@ -1,0 +1,519 @@
+"""Training throughput side by side, in one process: is our step fast, and what is it fast against?
+
+Candidates, on the same model shape, data and precision:
+
+    ours                       the trainer's own step (`StepRunner`) on packed windows, as train() builds it
+    ours, a document per row   the same with data.packing=false (bench.padded=true)
+    ours [, torch.compile]     the same with train.compile switched the other way (bench.compile=true)
+    llama                      transformers' LlamaForCausalLM in a plain loop: model(x, labels=x).loss, AdamW
+    llama, torch.compile       the same under torch.compile (bench.compile=true)
+
+and the machine's fp32 and bf16 matmul ceilings. Candidates run round-robin, one step each per
+round, so a noisy neighbour slows them all alike; the first `bench.warmup_steps` rounds are
+dropped and medians reported. "Useful" tokens are the ones that carry loss (not padding). On a
+CPU the rounds run twice: under glibc's allocator defaults, then with the memory setting train()
+applies (`hardware.keep_freed_memory`), which cannot be undone within the process.
+The report goes to results/bench/<machine>.md and to MLflow like any run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import datetime
+import re
+import resource
+import statistics
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from research import distributed
+from research.config import resolve_path
+from research.data import BatchSampler
+from research.errors import UserError
+from research.hardware import autocast_dtype, device_name, keep_freed_memory, matmul_sizes, measure_matmul_flops, peak_flops
+from research.model import flops_per_token, num_params
+from research.trainer import RunInfo, Setup, setup
+
+
+PROFILE_ROWS = 12  # operators listed per profiled step in the report
+DEFAULT_ALLOCATOR = "glibc's default allocator"  # how a plain script runs
+TRAINER_ALLOCATOR = "freed memory kept for reuse (what train() sets on a CPU)"
+
+
+@dataclass
+class Timing:
+    """The measured (post-warm-up) steps of one candidate in one phase."""
+
+    seconds: list[float] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    useful: list[int] = field(default_factory=list)
+    data_wait: list[float] = field(default_factory=list)
+    page_faults: list[int] = field(default_factory=list)  # minor page faults of the process during the step
+
+    def tokens_per_sec(self) -> float:
+        return statistics.median(self.tokens) / statistics.median(self.seconds)
+
+    def useful_tokens_per_sec(self) -> float:
+        return statistics.median(self.useful) / statistics.median(self.seconds)
+
+
+@dataclass
+class Candidate:
+    """One way of training the same model: `step()` runs one optimizer step and says what it did."""
+
+    name: str
+    precision: str
+    step: Callable[[], tuple[int, int, float]]  # -> (tokens processed, loss-bearing tokens, seconds waiting for data)
+    static_bytes_of: Callable[[], int]  # weights and optimizer state, alive between steps (the state exists after step 1)
+    last: dict = field(default_factory=dict)  # the latest step's loss and gradient norm, where the candidate reports them
+    timings: dict[str, Timing] = field(default_factory=dict)  # phase -> its measured steps
+    profile: list[tuple[str, float, int]] = field(default_factory=list)  # (operator, self seconds, calls) of one profiled step
+    peak_step_bytes: int = 0  # high-water mark of memory during a step, above what was in use before it
+
+    def peak_mib(self) -> float:
+        return (self.static_bytes_of() + self.peak_step_bytes) / 2**20
+
+
+@dataclass
+class BenchResult:
+    label: str
+    device: str
+    shape: dict
+    candidates: list[Candidate]
+    phases: list[str]  # allocator settings the candidates were timed under, in order; the last is the trainer's
+    matmul_flops: dict[str, tuple[float, int]]  # precision -> (median FLOP/s of the best size, that size)
+    table_peak_flops: float  # what training runs compute MFU against (a known table on GPUs, the measured ceiling on CPUs)
+    tracking_share: float  # MLflow logging + progress display, as a share of step time at train.log_every
+    tracking_ms_per_flush: float
+    flops_per_token: float
+    rounds: int
+
+
+class MemoryWatch:
+    """High-water mark of memory during a block, above its level at entry.
+
+    CUDA: the allocator's own peak. CPU: resident set size sampled every 2 ms by a thread
+    (torch releases the GIL inside its kernels), so brief spikes between samples are missed.
+    """
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak = device, 0
+
+    def __enter__(self):
+        release_free_memory()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            return self
+        self.base, self.high, self.running = rss_bytes(), 0, True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while self.running:
+            self.high = max(self.high, rss_bytes())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self.base
+        else:
+            self.running = False
+            self.thread.join()
+            self.peak = max(0, max(self.high, rss_bytes()) - self.base)
+        return False
+
+
+def release_free_memory() -> None:
+    """Hand memory that earlier steps freed back to the OS (glibc), so the next step's growth shows in the RSS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def minor_page_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096
+
+
+def tensor_bytes(*tensor_groups) -> int:
+    seen, total = set(), 0
+    for group in tensor_groups:
+        for t in group:
+            if isinstance(t, torch.Tensor) and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
+
+
+def optimizer_tensors(optimizer: torch.optim.Optimizer):
+    return [v for state in optimizer.state.values() for v in state.values()]
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- candidates
+
+
+def ours(cfg: DictConfig, env: distributed.DistEnv, name: str, **overrides) -> tuple[Candidate, Setup]:
+    """The trainer's own step, built exactly as `train` builds it (overrides: dotted config keys)."""
+    cfg = cfg.copy()
+    for key, value in overrides.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    run = setup(cfg, env)
+    state = run.state
+
+    def step() -> tuple[int, int, float]:
+        start = time.perf_counter()
+        micro_batches = [state.sampler.next_batch() for _ in range(cfg.train.grad_accum)]
+        data_wait = time.perf_counter() - start
+        candidate.last["train/loss"], candidate.last["train/grad_norm"] = run.step(micro_batches, cfg.train.lr)
+        tokens = sum(b["input_ids"].numel() for b in micro_batches)
+        return tokens, int(sum(b["loss_mask"].sum() for b in micro_batches)), data_wait
+
+    candidate = Candidate(
+        name + (", torch.compile" if run.compiled else ""), run.precision, step,
+        lambda: tensor_bytes(state.model.parameters(), optimizer_tensors(state.optimizer)),
+    )
+    return candidate, run
+
+
+def llama(cfg: DictConfig, env: distributed.DistEnv, run, compiled: bool) -> Candidate:
+    """transformers' LlamaForCausalLM of the same shape, trained the way its documentation shows:
+    `model(input_ids=x, labels=x).loss` (the model shifts the labels, so each row loses one target),
+    `torch.optim.AdamW` with its defaults for the device, gradient clipping, same data and precision."""
+    from transformers import LlamaForCausalLM
+
+    from research.export import to_llama_config
+
+    torch.manual_seed(cfg.seed)
+    llama_config = to_llama_config(run.model_config)
+    llama_config._attn_implementation = "sdpa"
+    model = LlamaForCausalLM(llama_config).to(env.device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, betas=(cfg.train.beta1, cfg.train.beta2), weight_decay=cfg.train.weight_decay)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=run.precision == "fp16")
+    sampler = BatchSampler(run.train_ds, cfg.train.batch_size, seed=cfg.seed)
+    dtype = autocast_dtype(run.precision)
+    forward = torch.compile(model) if compiled else model
+
+    def step() -> tuple[int, int, float]:
+        start = time.perf_counter()
+        micro_batches = [sampler.next_batch() for _ in range(cfg.train.grad_accum)]
+        data_wait = time.perf_counter() - start
+        for batch in micro_batches:
+            x = batch["input_ids"].to(env.device, non_blocking=True)
+            with torch.autocast(env.device.type, dtype=dtype) if dtype else nullcontext():
+                loss = forward(input_ids=x, labels=x).loss / len(micro_batches)
+            scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip if cfg.train.grad_clip > 0 else float("inf"))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        rows, seq = micro_batches[0]["input_ids"].shape
+        return rows * seq * len(micro_batches), rows * (seq - 1) * len(micro_batches), data_wait
+
+    return Candidate(
+        "llama" + (", torch.compile" if compiled else ""), run.precision, step, lambda: tensor_bytes(model.parameters(), optimizer_tensors(optimizer)),
+    )
+
+
+def profile_step(candidate: Candidate, device: torch.device) -> list[tuple[str, float, int]]:
+    """Where one step's time goes: torch.profiler's operators by self time (untimed; the profiler slows the step)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        candidate.step()
+        sync(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)
+    return [(e.key, getattr(e, key) / 1e6, e.count) for e in events if getattr(e, key) > 0]
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def run_benchmark(cfg: DictConfig, label: str = "", tracker=None) -> BenchResult:
+    """Time every candidate for `cfg`'s shape and precision, interleaved; `tracker` (an MLflowHook) logs our steps."""
+    console = Console()
+    env = distributed.setup(cfg.train.device)
+    if env.is_distributed:
+        raise UserError("the benchmark runs in one process: start it with python run.py, not torchrun")
+    bench = cfg.bench
+    main, run = ours(cfg, env, "ours")
+    candidates = [main]
+    if bench.padded:
+        candidates.append(ours(cfg, env, "ours, a document per row (data.packing=false)", **{"data.packing": False})[0])
+    if bench.compile:  # the trainer with torch.compile switched the other way from what train.compile picks here
+        candidates.append(ours(cfg, env, "ours", **{"train.compile": str(not run.compiled).lower()})[0])
+    if bench.llama:
+        candidates.append(llama(cfg, env, run, compiled=False))
+        if bench.compile:
+            candidates.append(llama(cfg, env, run, compiled=True))
+
+    precision = run.precision
+    flops_token = flops_per_token(run.model_config, cfg.data.seq_len)
+    ceilings = {p: {size: [] for size in matmul_sizes(p, env.device)} for p in ("fp32", "bf16")}
+    rounds = bench.warmup_steps + bench.steps
+    phases = [TRAINER_ALLOCATOR]
+    if env.device.type == "cpu" and bench.default_allocator_first:
+        phases.insert(0, DEFAULT_ALLOCATOR)
+    hook_times: list[float] = []
+    if tracker is not None:
+        tracker.on_start(RunInfo(cfg, run.state.model, run.tokenizer, run.data_info, {"precision": precision, "parameters": num_params(run.state.model)}, 0))
+
+    with Progress(console=console, transient=True) as progress:
+        task = progress.add_task("bench", total=len(phases) * rounds * len(candidates))
+        for phase in phases:
+            if phase == TRAINER_ALLOCATOR and env.device.type == "cpu":
+                keep_freed_memory()  # what train() does on a CPU; it cannot be undone, so this phase comes last
+            for round_index in range(rounds):
+                measured = round_index >= bench.warmup_steps
+                for candidate in candidates:
+                    progress.update(task, description=f"{phase}, round {round_index + 1}/{rounds}: {candidate.name}")
+                    sync(env.device)
+                    faults, start = minor_page_faults(), time.perf_counter()
+                    tokens, useful, data_wait = candidate.step()
+                    sync(env.device)
+                    seconds, faults = time.perf_counter() - start, minor_page_faults() - faults
+                    if measured:
+                        timing = candidate.timings.setdefault(phase, Timing())
+                        timing.seconds.append(seconds)
+                        timing.tokens.append(tokens)
+                        timing.useful.append(useful)
+                        timing.data_wait.append(data_wait)
+                        timing.page_faults.append(faults)
+                    progress.advance(task)
+                if tracker is not None:  # what a log interval costs the trainer: reading the values, the hook, a round trip to the store, the display
+                    start = time.perf_counter()
+                    row = {name: value.item() for name, value in main.last.items()} | {"train/lr": cfg.train.lr}
+                    tracker.on_metrics([(run.state.step, row)])
+                    tracker.flush(force=True)
+                    progress.update(task, description=f"round {round_index + 1}/{rounds}: loss {row['train/loss']:.3f}")
+                    hook_times.append(time.perf_counter() - start)
+                for p, sizes in ceilings.items():
+                    for size in sizes:
+                        sizes[size].append(measure_matmul_flops(torch.bfloat16 if p == "bf16" else torch.float32, env.device, size=size, repeats=3))
+
+        if bench.profile:  # in the trainer's steady state, before the memory pass hands memory back to the OS
+            for candidate in candidates:
+                if candidate.name.startswith("ours") and "packing" not in candidate.name:
+                    progress.update(task, description=f"profile: {candidate.name}")
+                    candidate.profile = profile_step(candidate, env.device)
+        for candidate in candidates:  # memory in a separate, untimed step each: watching it costs time
+            progress.update(task, description=f"memory: {candidate.name}")
+            with MemoryWatch(env.device) as memory:
+                candidate.step()
+            candidate.peak_step_bytes = memory.peak
+
+    matmul = {}
+    for p, sizes in ceilings.items():
+        best = max(sizes, key=lambda s: statistics.median(sizes[s]))
+        matmul[p] = (statistics.median(sizes[best]), best)
+    step_seconds = statistics.median(main.timings[TRAINER_ALLOCATOR].seconds)
+    flush_seconds = statistics.median(hook_times) if hook_times else 0.0
+    m = cfg.model
+    shape = {
+        "parameters": num_params(run.state.model), "vocab": m.vocab_size, "hidden": m.hidden_size, "layers": m.num_layers,
+        "heads": m.num_heads, "kv heads": m.num_kv_heads, "intermediate": run.model_config.intermediate_size,
+        "seq": cfg.data.seq_len, "batch": cfg.train.batch_size, "grad accum": cfg.train.grad_accum, "precision": precision,
+    }
+    threads = f", {torch.get_num_threads()} threads" if env.device.type == "cpu" else ""
+    return BenchResult(
+        label=label or f"{shape['parameters'] / 1e6:.1f}M, {precision}",
+        device=f"{device_name(env.device)}{threads}",
+        shape=shape,
+        candidates=candidates,
+        phases=phases,
+        matmul_flops=matmul,
+        table_peak_flops=peak_flops(env.device, precision, resolve_path(cfg.out_dir) / "cache"),
+        tracking_share=flush_seconds / (cfg.train.log_every * step_seconds),
+        tracking_ms_per_flush=flush_seconds * 1e3,
+        flops_per_token=flops_token,
+        rounds=bench.steps,
+    )
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def reference(result: BenchResult) -> Timing | None:
+    """The plain transformers Llama loop as a script runs it (the first phase: glibc's allocator defaults on a CPU)."""
+    llama_plain = next((c for c in result.candidates if c.name == "llama"), None)
+    return llama_plain.timings[result.phases[0]] if llama_plain else None
+
+
+def rows(result: BenchResult, phase: str | None = None) -> list[dict]:
+    """One row per candidate for `phase` (default: the trainer's allocator), ratios against `reference`."""
+    phase = phase or result.phases[-1]
+    ref = reference(result)
+    ceiling = result.matmul_flops[result.shape["precision"] if result.shape["precision"] in result.matmul_flops else "fp32"][0]
+    out = []
+    for c in result.candidates:
+        t = c.timings[phase]
+        out.append({
+            "candidate": c.name,
+            "step_s": statistics.median(t.seconds),
+            "step_range": (min(t.seconds), max(t.seconds)),
+            "tokens_per_sec": t.tokens_per_sec(),
+            "useful_tokens_per_sec": t.useful_tokens_per_sec(),
+            "vs_llama": t.useful_tokens_per_sec() / ref.useful_tokens_per_sec() if ref else float("nan"),
+            "mfu_measured": t.tokens_per_sec() * result.flops_per_token / ceiling,
+            "mfu_table": t.tokens_per_sec() * result.flops_per_token / result.table_peak_flops,
+            "peak_mib": c.peak_mib(),
+            "data_wait_share": sum(t.data_wait) / sum(t.seconds),
+            "useful_share": sum(t.useful) / sum(t.tokens),
+            "page_faults": statistics.median(t.page_faults),
+        })
+    return out
+
+
+def markdown(results: list[BenchResult], command: str, notes: str = "") -> str:
+    first = results[0]
+    lines = [
+        f"# Training throughput on {first.device}",
+        "",
+        f"Measured {datetime.date.today().isoformat()} with torch {torch.__version__} by `{command}`.",
+        "Candidates ran round-robin in one process; each figure is the median of the measured rounds (warm-up rounds dropped).",
+        "MFU counts 6N + 12·L·H·Q·T FLOPs per token (N: matmul weights, L layers, H heads, Q head dim, T sequence) over all tokens processed.",
+        "Useful tokens are those that carry loss. × llama: useful tokens/s over those of the plain `llama` loop as a script runs it "
+        "(on a CPU, in the first table: glibc's default allocator). On a CPU every candidate is timed twice: first under glibc's "
+        "defaults, then with freed memory kept for reuse, the setting `train()` applies (it is process-wide, so the Llama candidates get it too).",
+        "",
+    ]
+    for result in results:
+        s = result.shape
+        ceilings = ", ".join(f"{p} {flops / 1e12:.3f} TFLOP/s (size {size})" for p, (flops, size) in result.matmul_flops.items())
+        lines += [
+            f"## {result.label}",
+            "",
+            f"Shape: {s['parameters'] / 1e6:.1f}M parameters (vocab {s['vocab']}, hidden {s['hidden']}, {s['layers']} layers, "
+            f"{s['heads']} heads / {s['kv heads']} kv, intermediate {s['intermediate']}), seq {s['seq']}, batch {s['batch']} x {s['grad accum']} accumulation, "
+            f"{s['precision']}; {result.flops_per_token / 1e6:.1f} MFLOP per token; {result.rounds} measured rounds.",
+            f"Matmul ceiling (median, best size): {ceilings}. Peak used by training runs for train/mfu: {result.table_peak_flops / 1e12:.3f} TFLOP/s.",
+            "",
+        ]
+        for phase in result.phases:
+            lines += [
+                f"**{phase}**" + (" (peak memory: measured after the timed rounds, with the trainer's setting)" if phase == DEFAULT_ALLOCATOR else "") + ":",
+                "",
+                "| candidate | step s (min–max) | tokens/s | useful tokens/s | × llama | MFU (measured ceiling) | MFU (train/mfu peak) | peak memory MiB | data wait | page faults |",
+                "|---|---|---|---|---|---|---|---|---|---|",
+            ]
+            for r in rows(result, phase):
+                lo, hi = r["step_range"]
+                lines.append(
+                    f"| {r['candidate']} | {r['step_s']:.3f} ({lo:.3f}–{hi:.3f}) | {r['tokens_per_sec']:,.0f} | {r['useful_tokens_per_sec']:,.0f} ({r['useful_share']:.0%}) "
+                    f"| {r['vs_llama']:.2f} | {r['mfu_measured']:.1%} | {r['mfu_table']:.1%} | {r['peak_mib']:,.0f} | {r['data_wait_share']:.2%} | {r['page_faults']:,.0f} |"
+                )
+            lines.append("")
+        for c in result.candidates:
+            if c.profile:
+                total = sum(seconds for _, seconds, _ in c.profile)
+                lines += ["", f"Profile of one step of **{c.name}** (torch.profiler, self time; {total:.2f} s in all, profiler overhead included):", "",
+                          "| operator | self s | share | calls |", "|---|---|---|---|"]
+                top = c.profile[:PROFILE_ROWS]
+                lines += [f"| {name[:70]} | {seconds:.3f} | {seconds / total:.1%} | {calls} |" for name, seconds, calls in top]
+                rest = sum(seconds for _, seconds, _ in c.profile[PROFILE_ROWS:])
+                lines.append(f"| everything else | {rest:.3f} | {rest / total:.1%} | |")
+        lines += [
+            "",
+            f"Tracking: one log interval's MLflow logging (hook, forced round trip to the store) and progress update took "
+            f"{result.tracking_ms_per_flush:.1f} ms: {result.tracking_share:.3%} of the time of the train.log_every steps it covers.",
+            "",
+        ]
+    if notes:
+        lines += [notes.strip(), ""]
+    return "\n".join(lines)
+
+
+def print_table(result: BenchResult, console: Console) -> None:
+    table = Table(title=f"{result.device}: {result.label}")
+    console.print(f"[dim]{result.phases[-1]}; × llama: against the plain llama loop under {result.phases[0]}[/]")
+    for column in ("candidate", "step s", "useful tok/s", "× llama", "MFU", "peak MiB", "data wait"):
+        table.add_column(column, justify="left" if column == "candidate" else "right")
+    for r in rows(result):
+        table.add_row(r["candidate"], f"{r['step_s']:.3f}", f"{r['useful_tokens_per_sec']:,.0f}", f"{r['vs_llama']:.2f}", f"{r['mfu_measured']:.1%}",
+                      f"{r['peak_mib']:,.0f}", f"{r['data_wait_share']:.2%}")
+    console.print(table)
+    ceilings = ", ".join(f"{p} {flops / 1e12:.3f} TFLOP/s" for p, (flops, _) in result.matmul_flops.items())
+    console.print(f"matmul ceiling: {ceilings}; tracking + progress: {result.tracking_share:.3%} of step time")
+
+
+def machine_slug(result: BenchResult) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", result.device.lower()).strip("-")
+
+
+def metrics_of(result: BenchResult, prefix: str = "bench") -> dict[str, float]:
+    """Flat {name: value} for MLflow: bench/<candidate>/<figure> for the trainer's allocator setting, and
+    bench/default_allocator/<candidate>/<figure> for glibc's defaults where that was timed too."""
+    out = {f"{prefix}/matmul_{p}_tflops": flops / 1e12 for p, (flops, _) in result.matmul_flops.items()}
+    out[f"{prefix}/tracking_share"] = result.tracking_share
+    for phase in result.phases:
+        phase_prefix = prefix if phase == result.phases[-1] else f"{prefix}/default_allocator"
+        for r in rows(result, phase):
+            key = re.sub(r"[^a-z0-9]+", "_", r["candidate"].lower()).strip("_")
+            for name in ("step_s", "tokens_per_sec", "useful_tokens_per_sec", "vs_llama", "mfu_measured", "peak_mib", "data_wait_share"):
+                if r[name] == r[name]:  # not NaN
+                    out[f"{phase_prefix}/{key}/{name}"] = r[name]
+    return out
+
+
+# ----------------------------------------------------------------------------- the experiment
+
+
+def run_bench(cfg: DictConfig, variants: list[tuple[str, dict]] | None = None, notes: str = "") -> list[BenchResult]:
+    """`python run.py exp=bench`: benchmark each (label, overrides) variant of `cfg`, write the report
+    to <bench.out>/<machine>.md and log it, with every figure as a metric, to one MLflow run."""
+    from research.config import apply_overrides, validate
+    from research.tracking import MLflowHook, log_file_as, mlflow_run
+
+    variants = variants or [("", {})]
+    console = Console()
+    command = "python run.py exp=" + cfg.exp
+    results = []
+    tracking = mlflow_run(cfg) if cfg.tracking.enabled else nullcontext((None, None))
+    with tracking as (client, run_id):
+        if run_id:
+            console.print(f"[bold]{cfg.exp}[/] run [cyan]{run_id}[/]")
+        for index, (label, overrides) in enumerate(variants):
+            variant = apply_overrides(cfg.copy(), overrides)
+            validate(variant)
+            tracker = MLflowHook(client, run_id, log_artifacts=False) if client and index == 0 else None
+            result = run_benchmark(variant, label, tracker)
+            results.append(result)
+            print_table(result, console)
+            if client:
+                prefix = "bench" if len(variants) == 1 else f"bench/{re.sub(r'[^a-z0-9]+', '_', result.label.lower()).strip('_')}"
+                tracker = tracker or MLflowHook(client, run_id, log_artifacts=False)
+                tracker.on_metrics([(0, metrics_of(result, prefix))])
+                tracker.flush(force=True)
+        out_dir = resolve_path(cfg.bench.out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / f"{cfg.bench.machine or machine_slug(results[0])}.md"
+        path.write_text(markdown(results, command, notes))
+        console.print(f"report: {path}")
+        if client:
+            log_file_as(client, run_id, path, f"bench/{path.name}")
+    return results

@@ -1,0 +1,82 @@
+"""The throughput benchmark and torch.compile: real runs at a tiny shape (figures are not asserted, only their sense)."""
+
+import math
+import shutil
+
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from research import registry
+from research.benchmark import run_bench, rows
+from research.hardware import resolve_compile
+from research.tracking import tracking_uri
+from research.trainer import train
+from conftest import TINY, run_cli
+
+
+def bench_cfg(tmp_path, token_cache, **overrides):
+    shape = {k: v for k, v in TINY.items() if k.startswith(("model.", "data."))}
+    values = {**shape, "model.intermediate_size": 0, "train.batch_size": 4, "bench.steps": 2, "bench.warmup_steps": 1,
+              "bench.compile": False, "out_dir": str(tmp_path / "results"), "bench.out": str(tmp_path / "bench"),
+              "bench.machine": "test-machine", "data.cache_dir": token_cache}
+    values.update(overrides)
+    return registry.build("bench", values)
+
+
+def test_bench_compares_candidates_writes_the_report_and_logs_it(tmp_path, token_cache):
+    cfg = bench_cfg(tmp_path, token_cache)
+    [result] = run_bench(cfg)
+    table = {r["candidate"]: r for r in rows(result)}
+    assert set(table) == {"ours", "ours, a document per row (data.packing=false)", "llama"}
+    first = {r["candidate"]: r for r in rows(result, result.phases[0])}
+    assert first["llama"]["vs_llama"] == 1.0  # the reference: the plain loop as a script runs it
+    for r in table.values():
+        assert r["step_s"] > 0 and r["tokens_per_sec"] > 0 and 0 < r["mfu_measured"] < 1.5, r
+        assert 0 <= r["data_wait_share"] < 1 and r["peak_mib"] > 0
+    packed = table["ours"]
+    assert packed["useful_share"] == 1.0  # packed windows: every target carries loss
+    assert table["llama"]["useful_share"] == pytest.approx(63 / 64)  # Llama shifts labels inside: one target fewer per row
+    assert result.matmul_flops["fp32"][0] > 1e9 and 0 <= result.tracking_share < 1
+    assert len(result.phases) == 2  # on a CPU: glibc's defaults, then the trainer's allocator setting
+    assert {r["candidate"] for r in rows(result, result.phases[0])} == set(table)
+
+    report = (tmp_path / "bench" / "test-machine.md").read_text()
+    assert "| ours |" in report and "| llama |" in report and "Matmul ceiling" in report
+    assert "Profile of one step of **ours**" in report  # torch.profiler's breakdown of our step
+
+    client = MlflowClient(tracking_uri(cfg))
+    [run] = client.search_runs([client.get_experiment_by_name("bench").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert math.isclose(run.data.metrics["bench/ours/tokens_per_sec"], packed["tokens_per_sec"], rel_tol=1e-9)
+    assert run.data.metrics["bench/default_allocator/llama/vs_llama"] == 1.0
+    assert "bench/default_allocator/ours/step_s" in run.data.metrics
+    assert client.get_metric_history(run.info.run_id, "train/loss")  # our steps were logged like a training run's
+    assert "bench/test-machine.md" in {a.path for a in client.list_artifacts(run.info.run_id, "bench")}
+
+
+def test_compiled_training_matches_eager(tiny_cfg):
+    eager = train(tiny_cfg(tracking__enabled=False, train__max_steps=3, train__sample_tokens=0, train__compile="false"))
+    compiled = train(tiny_cfg(tracking__enabled=False, train__max_steps=3, train__sample_tokens=0, train__compile="true"))
+    assert "torch.compile" in compiled.derived["precision"] and "torch.compile" not in eager.derived["precision"]
+    for (_, a), (_, b) in zip(eager.curve(), compiled.curve()):
+        assert a == pytest.approx(b, rel=1e-4)  # fused kernels reorder float sums: close, not bitwise
+    assert compiled.final_val_loss == pytest.approx(eager.final_val_loss, rel=1e-3)
+
+
+def test_compile_setting():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve_compile("auto", cpu, 3_000_000) is False  # small models: compiling costs more than it saves on a CPU
+    assert resolve_compile("auto", cpu, 26_000_000) is (shutil.which("g++") is not None)
+    assert resolve_compile("auto", cuda, 3_000_000) is True
+    assert resolve_compile("True", cpu, 1) is True and resolve_compile("false", cuda, 10**9) is False
+    result = run_cli("train.compile=maybe")
+    assert result.returncode == 2 and "train.compile must be auto, true or false" in result.stderr
+
+
+def test_gpu_recipe_says_it_needs_cuda():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the recipe would run")
+    result = run_cli("exp=bench_gpu")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["error: exp=bench_gpu needs a CUDA GPU (torch sees none); on a CPU run python run.py exp=bench"]
