@@ -10,6 +10,7 @@ import ctypes
 import json
 import platform
 import shutil
+import sysconfig
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -82,7 +83,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def resolve_compile(setting: str, device: torch.device, parameters: int) -> bool:
     """Turn `train.compile` (auto | true | false) into a yes or no for this model on this device.
 
-    auto: always on CUDA. On a CPU (with a C++ compiler, which torch.compile needs there) from
+    auto: always on CUDA. On a CPU (with g++ and the Python headers, which torch.compile needs there) from
     COMPILE_MIN_PARAMETERS up: compiling the blocks takes ~10 s, and made minimind2-small (25.8M)
     steps 1.15-1.3x faster on 2 cores, but the 2.9M baseline's no faster (results/bench/).
     """
@@ -91,7 +92,13 @@ def resolve_compile(setting: str, device: torch.device, parameters: int) -> bool
         return setting == "true"
     if device.type == "cuda":
         return True
-    return parameters >= COMPILE_MIN_PARAMETERS and shutil.which("g++") is not None
+    return parameters >= COMPILE_MIN_PARAMETERS and can_compile_cpu_kernels()
+
+
+def can_compile_cpu_kernels() -> bool:
+    """torch.compile on a CPU builds C++ extensions: it needs g++ and the Python headers."""
+    headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    return shutil.which("g++") is not None and headers.exists()
 
 
 def keep_freed_memory() -> None:

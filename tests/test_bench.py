@@ -1,7 +1,6 @@
 """The throughput benchmark and torch.compile: real runs at a tiny shape (figures are not asserted, only their sense)."""
 
 import math
-import shutil
 
 import pytest
 import torch
@@ -9,7 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from research import registry
 from research.benchmark import run_bench, rows
-from research.hardware import resolve_compile
+from research.hardware import can_compile_cpu_kernels, resolve_compile
 from research.tracking import tracking_uri
 from research.trainer import train
 from conftest import TINY, run_cli
@@ -67,7 +66,7 @@ def test_compiled_training_matches_eager(tiny_cfg):
 def test_compile_setting():
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve_compile("auto", cpu, 3_000_000) is False  # small models: compiling costs more than it saves on a CPU
-    assert resolve_compile("auto", cpu, 26_000_000) is (shutil.which("g++") is not None)
+    assert resolve_compile("auto", cpu, 26_000_000) is can_compile_cpu_kernels()
     assert resolve_compile("auto", cuda, 3_000_000) is True
     assert resolve_compile("True", cpu, 1) is True and resolve_compile("false", cuda, 10**9) is False
     result = run_cli("train.compile=maybe")
