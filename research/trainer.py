@@ -30,7 +30,7 @@ from research.checkpoint import StopSignal, checkpoint_path, load_checkpoint, pr
 from research.config import resolve_path, to_yaml
 from research.data import BatchSampler, build_datasets, eval_batches
 from research.errors import UserError
-from research.hardware import autocast_dtype, device_name, keep_freed_memory, peak_flops, resolve_compile, resolve_precision
+from research.hardware import autocast_dtype, cpu_has_fast_bf16, device_name, keep_freed_memory, peak_flops, resolve_compile, resolve_precision
 from research.model import MiniMindForCausalLM, config_from, flops_per_token, num_params
 from research.schedule import lr_at
 from research.tokenizer import load_tokenizer
@@ -372,6 +372,9 @@ def run_training(cfg: DictConfig, hooks: Sequence[Hooks], stop: StopSignal) -> T
         "peak FLOP/s (for MFU)": peak,
     }
     describe(derived, console)
+    if env.device.type == "cpu" and precision == "bf16" and not cpu_has_fast_bf16():
+        console.print("warning: this CPU has no AMX or AVX-512 BF16, so bf16 matrix products are emulated (~100x slower than fp32 here); "
+                      "train.precision=auto picks fp32", soft_wrap=True, markup=False)
     for hook in hooks:
         hook.on_start(RunInfo(cfg, model, run.tokenizer, run.data_info, derived, state.step))
 

@@ -76,3 +76,11 @@ def test_same_seed_same_curve_different_seed_different_curve(tiny_cfg):
     c = train(tiny_cfg(tracking__enabled=False, train__max_steps=4, train__sample_tokens=0, seed=7))
     assert a.curve() == b.curve()
     assert a.curve() != c.curve()
+
+
+def test_bf16_on_a_cpu_without_fast_bf16_warns(tiny_cfg, capsys):
+    from research.hardware import cpu_has_fast_bf16
+
+    train(tiny_cfg(tracking__enabled=False, train__max_steps=2, train__warmup_steps=1, train__sample_tokens=0, train__precision="bf16", train__device="cpu"))
+    warned = "bf16 matrix products are emulated" in capsys.readouterr().out
+    assert warned is (not cpu_has_fast_bf16())
