@@ -39,7 +39,7 @@ from research import distributed
 from research.config import resolve_path
 from research.data import BatchSampler
 from research.errors import UserError
-from research.hardware import autocast_dtype, device_name, keep_freed_memory, matmul_sizes, measure_matmul_flops, peak_flops
+from research.hardware import FREED_MEMORY_KEPT, autocast_dtype, device_name, keep_freed_memory, matmul_sizes, measure_matmul_flops, peak_flops
 from research.model import flops_per_token, num_params
 from research.trainer import RunInfo, Setup, setup
 
@@ -47,6 +47,7 @@ from research.trainer import RunInfo, Setup, setup
 PROFILE_ROWS = 12  # operators listed per profiled step in the report
 DEFAULT_ALLOCATOR = "glibc's default allocator"  # how a plain script runs
 TRAINER_ALLOCATOR = "freed memory kept for reuse (what train() sets on a CPU)"
+AS_TRAINED = "as train() runs it"
 
 
 @dataclass
@@ -276,8 +277,8 @@ def run_benchmark(cfg: DictConfig, label: str = "", tracker=None) -> BenchResult
     flops_token = flops_per_token(run.model_config, cfg.data.seq_len)
     ceilings = {p: {size: [] for size in matmul_sizes(p, env.device)} for p in ("fp32", "bf16")}
     rounds = bench.warmup_steps + bench.steps
-    phases = [TRAINER_ALLOCATOR]
-    if env.device.type == "cpu" and bench.default_allocator_first:
+    phases = [TRAINER_ALLOCATOR if env.device.type == "cpu" else AS_TRAINED]
+    if env.device.type == "cpu" and bench.default_allocator_first and not FREED_MEMORY_KEPT.is_set():  # glibc's defaults, while this process still has them
         phases.insert(0, DEFAULT_ALLOCATOR)
     hook_times: list[float] = []
     if tracker is not None:

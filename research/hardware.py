@@ -11,6 +11,7 @@ import json
 import platform
 import shutil
 import sysconfig
+import threading
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -118,6 +119,10 @@ def keep_freed_memory() -> None:
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
     mallopt(M_MMAP_MAX, 0)  # big buffers come from the heap, where freed ones are reused
     mallopt(M_TRIM_THRESHOLD, -1)  # and the heap's free top is never handed back (-1: trimming off)
+    FREED_MEMORY_KEPT.set()
+
+
+FREED_MEMORY_KEPT = threading.Event()  # set once keep_freed_memory() has run: the setting lasts as long as the process
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:

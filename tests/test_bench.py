@@ -8,7 +8,7 @@ from mlflow.tracking import MlflowClient
 
 from research import registry
 from research.benchmark import run_bench, rows
-from research.hardware import can_compile_cpu_kernels, resolve_compile
+from research.hardware import FREED_MEMORY_KEPT, can_compile_cpu_kernels, resolve_compile
 from research.tracking import tracking_uri
 from research.trainer import train
 from conftest import TINY, run_cli
@@ -25,6 +25,7 @@ def bench_cfg(tmp_path, token_cache, **overrides):
 
 def test_bench_compares_candidates_writes_the_report_and_logs_it(tmp_path, token_cache):
     cfg = bench_cfg(tmp_path, token_cache)
+    first_in_process = not FREED_MEMORY_KEPT.is_set()  # an earlier train() in this process set it for good
     [result] = run_bench(cfg)
     table = {r["candidate"]: r for r in rows(result)}
     assert set(table) == {"ours", "ours, a document per row (data.packing=false)", "llama"}
@@ -37,7 +38,9 @@ def test_bench_compares_candidates_writes_the_report_and_logs_it(tmp_path, token
     assert packed["useful_share"] == 1.0  # packed windows: every target carries loss
     assert table["llama"]["useful_share"] == pytest.approx(63 / 64)  # Llama shifts labels inside: one target fewer per row
     assert result.matmul_flops["fp32"][0] > 1e9 and 0 <= result.tracking_share < 1
-    assert len(result.phases) == 2  # on a CPU: glibc's defaults, then the trainer's allocator setting
+    # on a CPU: glibc's defaults, then the trainer's allocator setting; that setting lasts for the
+    # process, so after an earlier train() in the same process there is no "default" phase to time
+    assert len(result.phases) == (2 if first_in_process else 1)
     assert {r["candidate"] for r in rows(result, result.phases[0])} == set(table)
 
     report = (tmp_path / "bench" / "test-machine.md").read_text()
@@ -48,8 +51,11 @@ def test_bench_compares_candidates_writes_the_report_and_logs_it(tmp_path, token
     [run] = client.search_runs([client.get_experiment_by_name("bench").experiment_id])
     assert run.info.status == "FINISHED"
     assert math.isclose(run.data.metrics["bench/ours/tokens_per_sec"], packed["tokens_per_sec"], rel_tol=1e-9)
-    assert run.data.metrics["bench/default_allocator/llama/vs_llama"] == 1.0
-    assert "bench/default_allocator/ours/step_s" in run.data.metrics
+    if first_in_process:
+        assert run.data.metrics["bench/default_allocator/llama/vs_llama"] == 1.0
+        assert "bench/default_allocator/ours/step_s" in run.data.metrics
+    else:
+        assert run.data.metrics["bench/llama/vs_llama"] == 1.0
     assert client.get_metric_history(run.info.run_id, "train/loss")  # our steps were logged like a training run's
     assert "bench/test-machine.md" in {a.path for a in client.list_artifacts(run.info.run_id, "bench")}
 
