@@ -18,7 +18,6 @@ The report goes to results/bench/<machine>.md and to MLflow like any run.
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import re
 import resource
@@ -30,16 +29,18 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
 from research import distributed
-from research.config import resolve_path
 from research.data import BatchSampler
 from research.errors import UserError
-from research.hardware import FREED_MEMORY_KEPT, autocast_dtype, device_name, keep_freed_memory, matmul_sizes, measure_matmul_flops, peak_flops
+from research.config import apply_overrides, resolve_path, validate
+from research.hardware import (
+    FREED_MEMORY_KEPT, autocast_dtype, device_name, keep_freed_memory, matmul_sizes, measure_matmul_flops, peak_flops, release_free_memory,
+)
 from research.model import flops_per_token, num_params
 from research.trainer import RunInfo, Setup, setup
 
@@ -137,14 +138,6 @@ class MemoryWatch:
         return False
 
 
-def release_free_memory() -> None:
-    """Hand memory that earlier steps freed back to the OS (glibc), so the next step's growth shows in the RSS."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
-
-
 def minor_page_faults() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
@@ -178,9 +171,7 @@ def sync(device: torch.device) -> None:
 
 def ours(cfg: DictConfig, env: distributed.DistEnv, name: str, **overrides) -> tuple[Candidate, Setup]:
     """The trainer's own step, built exactly as `train` builds it (overrides: dotted config keys)."""
-    cfg = cfg.copy()
-    for key, value in overrides.items():
-        OmegaConf.update(cfg, key, value, merge=False)
+    cfg = apply_overrides(cfg.copy(), overrides)
     run = setup(cfg, env)
     state = run.state
 
@@ -275,7 +266,7 @@ def run_benchmark(cfg: DictConfig, label: str = "", tracker=None) -> BenchResult
 
     precision = run.precision
     flops_token = flops_per_token(run.model_config, cfg.data.seq_len)
-    ceilings = {p: {size: [] for size in matmul_sizes(p, env.device)} for p in ("fp32", "bf16")}
+    ceilings = {p: {size: [] for size in matmul_sizes(p, env.device)} for p in dict.fromkeys(("fp32", "bf16", run.precision))}
     rounds = bench.warmup_steps + bench.steps
     phases = [TRAINER_ALLOCATOR if env.device.type == "cpu" else AS_TRAINED]
     if env.device.type == "cpu" and bench.default_allocator_first and not FREED_MEMORY_KEPT.is_set():  # glibc's defaults, while this process still has them
@@ -315,7 +306,7 @@ def run_benchmark(cfg: DictConfig, label: str = "", tracker=None) -> BenchResult
                     hook_times.append(time.perf_counter() - start)
                 for p, sizes in ceilings.items():
                     for size in sizes:
-                        sizes[size].append(measure_matmul_flops(torch.bfloat16 if p == "bf16" else torch.float32, env.device, size=size, repeats=3))
+                        sizes[size].append(measure_matmul_flops(autocast_dtype(p) or torch.float32, env.device, size=size, repeats=3))
 
         if bench.profile:  # in the trainer's steady state, before the memory pass hands memory back to the OS
             for candidate in candidates:
@@ -369,7 +360,7 @@ def rows(result: BenchResult, phase: str | None = None) -> list[dict]:
     """One row per candidate for `phase` (default: the trainer's allocator), ratios against `reference`."""
     phase = phase or result.phases[-1]
     ref = reference(result)
-    ceiling = result.matmul_flops[result.shape["precision"] if result.shape["precision"] in result.matmul_flops else "fp32"][0]
+    ceiling = result.matmul_flops[result.shape["precision"]][0]
     out = []
     for c in result.candidates:
         t = c.timings[phase]
@@ -462,8 +453,9 @@ def print_table(result: BenchResult, console: Console) -> None:
     console.print(f"matmul ceiling: {ceilings}; tracking + progress: {result.tracking_share:.3%} of step time")
 
 
-def machine_slug(result: BenchResult) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", result.device.lower()).strip("-")
+def slug(text: str, separator: str = "_") -> str:
+    """'AMD EPYC, 2 threads' -> 'amd_epyc_2_threads': for file and metric names."""
+    return re.sub(r"[^a-z0-9]+", separator, text.lower()).strip(separator)
 
 
 def metrics_of(result: BenchResult, prefix: str = "bench") -> dict[str, float]:
@@ -474,7 +466,7 @@ def metrics_of(result: BenchResult, prefix: str = "bench") -> dict[str, float]:
     for phase in result.phases:
         phase_prefix = prefix if phase == result.phases[-1] else f"{prefix}/default_allocator"
         for r in rows(result, phase):
-            key = re.sub(r"[^a-z0-9]+", "_", r["candidate"].lower()).strip("_")
+            key = slug(r["candidate"])
             for name in ("step_s", "tokens_per_sec", "useful_tokens_per_sec", "vs_llama", "mfu_measured", "peak_mib", "data_wait_share"):
                 if r[name] == r[name]:  # not NaN
                     out[f"{phase_prefix}/{key}/{name}"] = r[name]
@@ -487,7 +479,6 @@ def metrics_of(result: BenchResult, prefix: str = "bench") -> dict[str, float]:
 def run_bench(cfg: DictConfig, variants: list[tuple[str, dict]] | None = None, notes: str = "") -> list[BenchResult]:
     """`python run.py exp=bench`: benchmark each (label, overrides) variant of `cfg`, write the report
     to <bench.out>/<machine>.md and log it, with every figure as a metric, to one MLflow run."""
-    from research.config import apply_overrides, validate
     from research.tracking import MLflowHook, log_file_as, mlflow_run
 
     variants = variants or [("", {})]
@@ -506,13 +497,13 @@ def run_bench(cfg: DictConfig, variants: list[tuple[str, dict]] | None = None, n
             results.append(result)
             print_table(result, console)
             if client:
-                prefix = "bench" if len(variants) == 1 else f"bench/{re.sub(r'[^a-z0-9]+', '_', result.label.lower()).strip('_')}"
+                prefix = "bench" if len(variants) == 1 else f"bench/{slug(result.label)}"
                 tracker = tracker or MLflowHook(client, run_id, log_artifacts=False)
                 tracker.on_metrics([(0, metrics_of(result, prefix))])
                 tracker.flush(force=True)
         out_dir = resolve_path(cfg.bench.out)
         out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / f"{cfg.bench.machine or machine_slug(results[0])}.md"
+        path = out_dir / f"{cfg.bench.machine or slug(results[0].device, '-')}.md"
         path.write_text(markdown(results, command, notes))
         console.print(f"report: {path}")
         if client:

@@ -111,15 +111,31 @@ def keep_freed_memory() -> None:
     shape, which made steps 1.2-1.35x slower on 2 cores (results/bench/). The cost: the process keeps
     its peak memory until it exits. No-op where the C library is not glibc.
     """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    libc = glibc()
+    if libc is None:
         return
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
-    mallopt(M_MMAP_MAX, 0)  # big buffers come from the heap, where freed ones are reused
-    mallopt(M_TRIM_THRESHOLD, -1)  # and the heap's free top is never handed back (-1: trimming off)
+    libc.mallopt(M_MMAP_MAX, 0)  # big buffers come from the heap, where freed ones are reused
+    libc.mallopt(M_TRIM_THRESHOLD, -1)  # and the heap's free top is never handed back (-1: trimming off)
     FREED_MEMORY_KEPT.set()
+
+
+def release_free_memory() -> None:
+    """Hand memory freed so far back to the OS now (glibc's malloc_trim), e.g. before measuring what a step adds to the RSS."""
+    libc = glibc()
+    if libc is not None:
+        libc.malloc_trim(0)
+
+
+@lru_cache(maxsize=1)
+def glibc():
+    """The C library when it is glibc (it has mallopt and malloc_trim), else None."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt, libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return libc
 
 
 FREED_MEMORY_KEPT = threading.Event()  # set once keep_freed_memory() has run: the setting lasts as long as the process

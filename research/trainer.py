@@ -419,8 +419,8 @@ def run_training(cfg: DictConfig, hooks: Sequence[Hooks], stop: StopSignal) -> T
             return
         losses = distributed.mean_over_ranks(torch.stack([p[2] for p in pending]), env).tolist()  # the one device sync of the interval
         norms = torch.stack([p[3] for p in pending]).tolist()
-        elapsed, data_s, tracking_s = interval.lap()
-        tokens_per_sec = interval.tokens / max(elapsed, 1e-9)
+        elapsed, tokens, data_s, tracking_s = interval.lap()
+        tokens_per_sec = tokens / max(elapsed, 1e-9)
         rows = [(s, {"train/loss": loss, "train/lr": lr, "train/grad_norm": norm}) for (s, lr, _, _), loss, norm in zip(pending, losses, norms)]
         rows[-1][1].update({
             "train/tokens_per_sec": tokens_per_sec,
@@ -428,7 +428,6 @@ def run_training(cfg: DictConfig, hooks: Sequence[Hooks], stop: StopSignal) -> T
             "train/data_wait_share": data_s / max(elapsed, 1e-9),  # of the interval's wall time
             "train/tracking_share": tracking_s / max(elapsed, 1e-9),  # hooks and progress display, the previous flush's included
         })
-        interval.tokens = 0
         pending.clear()
         bad = [(s, name, r[key]) for s, r in rows for name, key in watched if not math.isfinite(r[key])]
         history.extend(rows)
@@ -509,8 +508,8 @@ class IntervalClock:
     def __init__(self):
         self.restart()
 
-    def restart(self) -> None:
-        self.start, self.spent, self.tokens = time.perf_counter(), {"data": 0.0, "tracking": 0.0}, 0
+    def restart(self, now: float | None = None) -> None:
+        self.start, self.spent, self.tokens = now or time.perf_counter(), {"data": 0.0, "tracking": 0.0}, 0
 
     @contextmanager
     def timing(self, what: str):
@@ -520,12 +519,12 @@ class IntervalClock:
         finally:
             self.spent[what] += time.perf_counter() - start
 
-    def lap(self) -> tuple[float, float, float]:
-        """(seconds, data seconds, tracking seconds) of the interval now ending; the next begins."""
+    def lap(self) -> tuple[float, int, float, float]:
+        """(seconds, tokens, data seconds, tracking seconds) of the interval now ending; the next begins."""
         now = time.perf_counter()
-        elapsed, spent = now - self.start, self.spent
-        self.start, self.spent = now, {"data": 0.0, "tracking": 0.0}
-        return elapsed, spent["data"], spent["tracking"]
+        elapsed, tokens, spent = now - self.start, self.tokens, self.spent
+        self.restart(now)
+        return elapsed, tokens, spent["data"], spent["tracking"]
 
 
 def optimizer_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, skipped: "SkippedSteps", step: int) -> None:
