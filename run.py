@@ -1,24 +1,28 @@
-"""Entry point: `python run.py exp=NAME key=value ...`.
+"""The project's one command line: `python run.py [COMMAND] [name=value ...]`.
 
-    python run.py                                  # the baseline experiment
-    python run.py exp=baseline train.max_steps=50  # any key of research/config.py
+    python run.py                                  # train the baseline experiment
+    python run.py exp=NAME key=value ...           # train (or sweep) a named experiment; any key of `keys`
     python run.py list                             # experiments and what they do
     python run.py keys                             # every config key with its default
-    python run.py ui                               # MLflow UI on the results store
+    python run.py ui [port=5000]                   # MLflow UI on the results store
     python run.py resume=<run_id>                  # continue a stopped run from its newest checkpoint
-    python run.py reproduce=<run_id>               # train a logged run again and compare the curves
+    python run.py reproduce=<run_id>               # train a logged run again and compare the curves [allow_data_change=true]
     python run.py export run_id=<id> out=<dir>     # a run's model as a Llama folder (AutoModelForCausalLM)
-    python run.py sample run_id=<id> prompt="..."  # generate from a run's model [temperature= top_k= max_new_tokens= seed=]
+    python run.py sample run_id=<id> prompt="..."  # generate from a run's model [temperature= top_k= max_new_tokens= seed= device=]
     torchrun --nproc_per_node=N run.py exp=NAME    # data-parallel training (train.batch_size is per rank)
 
-Bad input prints one line and exits with status 2 (add --debug for the traceback).
+Every command takes name=value arguments: its own options (above) and config keys (tracking.uri=,
+out_dir=, ...). Bad input prints one line and exits with status 2 (add --debug for the traceback).
 """
 
 from __future__ import annotations
 
+import difflib
 import os
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any, Callable
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenize once, in the main process
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail in seconds, not minutes, when a server is gone
@@ -26,6 +30,157 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")  # ... or hangs (the 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Writing model shards" bars between our own output
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach for a model hub
+
+from research.config import make_config, valid_keys  # noqa: E402  (light: OmegaConf only)
+from research.errors import UserError  # noqa: E402
+
+REQUIRED = ...  # an option without a default
+
+
+def parse(command: str, args: list[str], options: dict[str, tuple[type, Any]]) -> tuple[dict[str, Any], dict[str, str]]:
+    """Split `name=value` arguments into the command's typed options {name: (type, default)} and config overrides.
+
+    The one parser of the project: a name that is neither an option nor a config key is refused with
+    the closest matches.
+    """
+    values, overrides, keys = {}, {}, set(valid_keys())
+    for arg in args:
+        name, sep, value = arg.partition("=")
+        if not sep:
+            raise UserError(f"expected key=value, got '{arg}' (e.g. train.lr=3e-4); see `python run.py --help`")
+        name = name.strip()
+        if name in options:
+            values[name] = typed(name, value, options[name][0])
+        elif name in keys or "." in name:
+            overrides[name] = value  # the config checks the key and the type (with its own suggestions)
+        else:
+            close = difflib.get_close_matches(name, list(options) + sorted(keys), n=3, cutoff=0.6)
+            hint = f"did you mean {' or '.join(close)}? " if close else ""
+            raise UserError(f"unknown option '{name}' for `run.py {command}`; {hint}options: {', '.join(options) or 'none'}, and config keys (python run.py keys)")
+    for name, (_, default) in options.items():
+        if name not in values:
+            if default is REQUIRED:
+                raise UserError(f"`run.py {command}` needs {name}=...; usage: python run.py {command} " + " ".join(f"{o}=..." for o in options))
+            values[name] = default
+    return values, overrides
+
+
+def typed(name: str, value: str, kind: type) -> Any:
+    if kind is bool:
+        if value.lower() not in ("true", "false"):
+            raise UserError(f"bad value for '{name}': {value!r} is not true or false")
+        return value.lower() == "true"
+    try:
+        return kind(value)
+    except ValueError:
+        raise UserError(f"bad value for '{name}': {value!r} is not a valid {kind.__name__}") from None
+
+
+# ---- the commands: each parses its arguments, then calls the library ----
+
+
+def train(args: list[str]) -> int:
+    from research import registry
+
+    options, overrides = parse("train", args, {"exp": (str, "baseline")})
+    cfg = registry.build(options["exp"], overrides)
+    from research.runner import run_experiment  # heavy imports (torch, mlflow) only once the config is valid
+
+    run_experiment(cfg)
+    return 0
+
+
+def resume(args: list[str]) -> int:
+    from research.reproduce import resume as resume_run
+
+    options, overrides = parse("resume", args, {"resume": (str, REQUIRED)})
+    return resume_run(run_id_of(options["resume"], "resume"), overrides)
+
+
+def reproduce(args: list[str]) -> int:
+    from research.reproduce import reproduce as reproduce_run
+
+    options, overrides = parse("reproduce", args, {"reproduce": (str, REQUIRED), "allow_data_change": (bool, False)})
+    return reproduce_run(run_id_of(options["reproduce"], "reproduce"), overrides, options["allow_data_change"])
+
+
+def run_id_of(value: str, verb: str) -> str:
+    if not value.strip():
+        raise UserError(f"{verb}= needs a run id, e.g. {verb}=<32 hex digits> (python run.py ui lists runs)")
+    return value.strip()
+
+
+def export(args: list[str]) -> int:
+    from research.artifacts import load_run_model
+    from research.export import export_llama
+
+    options, overrides = parse("export", args, {"run_id": (str, REQUIRED), "out": (str, REQUIRED)})
+    out = Path(options["out"]).expanduser()
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise UserError(f"out={out} exists and is not an empty folder; choose a new folder or delete it")
+    model, tokenizer = load_run_model(make_config(overrides), options["run_id"])
+    export_llama(model, out, tokenizer)  # refuses (UserError) before writing anything
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f"exported run {options['run_id']} as LlamaForCausalLM to {out} ({size / 1e6:.1f} MB); load with AutoModelForCausalLM.from_pretrained('{out}')")
+    return 0
+
+
+SAMPLE_OPTIONS = {
+    "run_id": (str, REQUIRED),
+    "prompt": (str, REQUIRED),
+    "temperature": (float, 0.8),  # softmax temperature; lower is more conservative
+    "top_k": (int, 50),  # sample among the k most likely tokens; 0 = all
+    "max_new_tokens": (int, 200),
+    "seed": (int, -1),  # -1 = a different sample every call
+    "device": (str, "auto"),
+}
+
+
+def sample(args: list[str]) -> int:
+    import random
+
+    from transformers import TextStreamer
+
+    from research.artifacts import load_run_model
+    from research.distributed import pick_device
+    from research.sample import generate_samples
+
+    o, overrides = parse("sample", args, SAMPLE_OPTIONS)
+    if o["temperature"] <= 0 or o["max_new_tokens"] <= 0 or o["top_k"] < 0:
+        raise UserError("sample needs temperature > 0, max_new_tokens > 0 and top_k >= 0")
+    model, tokenizer = load_run_model(make_config(overrides), o["run_id"])
+    device = pick_device(o["device"])
+    seed = o["seed"] if o["seed"] >= 0 else random.randrange(2**31)
+    print(o["prompt"], end="", flush=True)
+    streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    generate_samples(model.to(device), tokenizer, [o["prompt"]], o["max_new_tokens"], seed, device, o["temperature"], o["top_k"], streamer)
+    return 0
+
+
+def ui(args: list[str]) -> int:
+    from research.tracking import artifact_root, tracking_uri
+
+    options, overrides = parse("ui", args, {"port": (int, 5000)})
+    cfg = make_config(overrides)
+    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(cfg), "--port", str(options["port"])]
+    if artifact_root(cfg):
+        cmd += ["--default-artifact-root", artifact_root(cfg)]
+    print(" ".join(cmd))
+    return subprocess.call(cmd)
+
+
+def list_experiments(args: list[str]) -> int:
+    print(usage())
+    return 0
+
+
+def list_keys(args: list[str]) -> int:
+    from omegaconf import OmegaConf
+
+    defaults = make_config()
+    for key in valid_keys():
+        print(f"{key} = {OmegaConf.select(defaults, key)}")
+    return 0
 
 
 def usage() -> str:
@@ -37,72 +192,28 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def print_keys() -> None:
-    from omegaconf import OmegaConf
-
-    from research.config import Config, valid_keys
-
-    defaults = OmegaConf.structured(Config)
-    for key in valid_keys():
-        print(f"{key} = {OmegaConf.select(defaults, key)}")
-
-
-def open_ui(args: list[str]) -> int:
-    from omegaconf import OmegaConf
-
-    from research.config import Config
-    from research.tracking import artifact_root, tracking_uri
-
-    cfg = OmegaConf.structured(Config)
-    port = next((a.split("=", 1)[1] for a in args if a.startswith("port=")), "5000")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(cfg), "--port", port]
-    if artifact_root(cfg):
-        cmd += ["--default-artifact-root", artifact_root(cfg)]
-    print(" ".join(cmd))
-    return subprocess.call(cmd)
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "list": list_experiments, "help": list_experiments, "--help": list_experiments, "-h": list_experiments,
+    "keys": list_keys, "ui": ui, "export": export, "sample": sample,
+}
 
 
 def main(argv: list[str]) -> int:
-    from research import registry
-
     args = [a for a in argv if a != "--debug"]
-    if any(a.startswith(("resume=", "reproduce=")) for a in args):
-        from research.reproduce import main as reproduce_main
-
-        return reproduce_main(args)
-    if not args or args[0] not in ("list", "keys", "ui", "export", "sample", "--help", "-h", "help"):
-        exp = "baseline"
-        overrides = []
-        for arg in args:
-            if arg.startswith("exp="):
-                exp = arg.split("=", 1)[1]
-            else:
-                overrides.append(arg)
-        cfg = registry.build(exp, overrides)
-        from research.runner import run_experiment  # heavy imports (torch, mlflow) only once the config is valid
-
-        run_experiment(cfg)
-        return 0
-    if args[0] == "keys":
-        print_keys()
-    elif args[0] == "ui":
-        return open_ui(args[1:])
-    elif args[0] == "export":
-        from research.export import main as export_main
-
-        return export_main(args[1:])
-    elif args[0] == "sample":
-        from research.sample import main as sample_main
-
-        return sample_main(args[1:])
-    else:
-        print(usage())
-    return 0
+    if args and args[0] in COMMANDS:
+        return COMMANDS[args[0]](args[1:])
+    verbs = [a.split("=", 1)[0] for a in args if a.startswith(("resume=", "reproduce="))]
+    if len(verbs) > 1:
+        raise UserError("give exactly one of resume=<run_id> or reproduce=<run_id>")
+    if verbs:
+        return resume(args) if verbs[0] == "resume" else reproduce(args)
+    if args and "=" not in args[0] and "." not in args[0]:
+        close = difflib.get_close_matches(args[0], [c for c in COMMANDS if not c.startswith("-")], n=1)
+        raise UserError(f"unknown command '{args[0]}'; {f'did you mean {close[0]}? ' if close else ''}commands: {', '.join(c for c in COMMANDS if not c.startswith('-'))}, or name=value to train")
+    return train(args)
 
 
 if __name__ == "__main__":
-    from research.errors import UserError
-
     try:
         sys.exit(main(sys.argv[1:]))
     except UserError as err:

@@ -12,9 +12,9 @@ Writes results/bench/<machine>.md and logs every figure to MLflow. About 8 minut
 OVERRIDES = {
     "model.vocab_size": 6400,
     "model.hidden_size": 512,
-    "model.num_layers": 8,
-    "model.num_heads": 8,
-    "model.num_kv_heads": 2,
+    "model.num_hidden_layers": 8,
+    "model.num_attention_heads": 8,
+    "model.num_key_value_heads": 2,
     "model.intermediate_size": 1408,
     "data.seq_len": 512,
     "train.batch_size": 8,

@@ -24,9 +24,9 @@ OVERRIDES = {
 
 SHAPE_100M = {  # 106M parameters: hidden 768, 16 layers, 12 heads / 4 kv
     "model.hidden_size": 768,
-    "model.num_layers": 16,
-    "model.num_heads": 12,
-    "model.num_kv_heads": 4,
+    "model.num_hidden_layers": 16,
+    "model.num_attention_heads": 12,
+    "model.num_key_value_heads": 4,
     "model.intermediate_size": 2048,
     "data.seq_len": 1024,
     "train.batch_size": 16,

@@ -42,7 +42,8 @@ from research.hardware import (
     FREED_MEMORY_KEPT, autocast_dtype, device_name, keep_freed_memory, matmul_sizes, measure_matmul_flops, peak_flops, release_free_memory,
 )
 from research.model import flops_per_token, num_params
-from research.trainer import RunInfo, Setup, setup
+from research.components import Components, build
+from research.trainer import RunInfo
 
 
 PROFILE_ROWS = 12  # operators listed per profiled step in the report
@@ -60,6 +61,13 @@ class Timing:
     useful: list[int] = field(default_factory=list)
     data_wait: list[float] = field(default_factory=list)
     page_faults: list[int] = field(default_factory=list)  # minor page faults of the process during the step
+
+    def add(self, seconds: float, tokens: int, useful: int, data_wait: float, page_faults: int) -> None:
+        self.seconds.append(seconds)
+        self.tokens.append(tokens)
+        self.useful.append(useful)
+        self.data_wait.append(data_wait)
+        self.page_faults.append(page_faults)
 
     def tokens_per_sec(self) -> float:
         return statistics.median(self.tokens) / statistics.median(self.seconds)
@@ -169,10 +177,10 @@ def sync(device: torch.device) -> None:
 # ----------------------------------------------------------------------------- candidates
 
 
-def ours(cfg: DictConfig, env: distributed.DistEnv, name: str, **overrides) -> tuple[Candidate, Setup]:
+def ours(cfg: DictConfig, env: distributed.DistEnv, name: str, **overrides) -> tuple[Candidate, Components]:
     """The trainer's own step, built exactly as `train` builds it (overrides: dotted config keys)."""
     cfg = apply_overrides(cfg.copy(), overrides)
-    run = setup(cfg, env)
+    run = build(cfg, env)
     state = run.state
 
     def step() -> tuple[int, int, float]:
@@ -248,67 +256,22 @@ def profile_step(candidate: Candidate, device: torch.device) -> list[tuple[str, 
 
 def run_benchmark(cfg: DictConfig, label: str = "", tracker=None) -> BenchResult:
     """Time every candidate for `cfg`'s shape and precision, interleaved; `tracker` (an MLflowHook) logs our steps."""
-    console = Console()
     env = distributed.setup(cfg.train.device)
     if env.is_distributed:
         raise UserError("the benchmark runs in one process: start it with python run.py, not torchrun")
-    bench = cfg.bench
-    main, run = ours(cfg, env, "ours")
-    candidates = [main]
-    if bench.padded:
-        candidates.append(ours(cfg, env, "ours, a document per row (data.packing=false)", **{"data.packing": False})[0])
-    if bench.compile:  # the trainer with torch.compile switched the other way from what train.compile picks here
-        candidates.append(ours(cfg, env, "ours", **{"train.compile": str(not run.compiled).lower()})[0])
-    if bench.llama:
-        candidates.append(llama(cfg, env, run, compiled=False))
-        if bench.compile:
-            candidates.append(llama(cfg, env, run, compiled=True))
-
+    candidates, run = build_candidates(cfg, env)
     precision = run.precision
-    flops_token = flops_per_token(run.model_config, cfg.data.seq_len)
-    ceilings = {p: {size: [] for size in matmul_sizes(p, env.device)} for p in dict.fromkeys(("fp32", "bf16", run.precision))}
-    rounds = bench.warmup_steps + bench.steps
+    ceilings = {p: {size: [] for size in matmul_sizes(p, env.device)} for p in dict.fromkeys(("fp32", "bf16", precision))}
     phases = [TRAINER_ALLOCATOR if env.device.type == "cpu" else AS_TRAINED]
-    if env.device.type == "cpu" and bench.default_allocator_first and not FREED_MEMORY_KEPT.is_set():  # glibc's defaults, while this process still has them
+    if env.device.type == "cpu" and cfg.bench.default_allocator_first and not FREED_MEMORY_KEPT.is_set():  # glibc's defaults, while this process still has them
         phases.insert(0, DEFAULT_ALLOCATOR)
-    hook_times: list[float] = []
     if tracker is not None:
-        tracker.on_start(RunInfo(cfg, run.state.model, run.tokenizer, run.data_info, {"precision": precision, "parameters": num_params(run.state.model)}, 0))
+        tracker.on_start(RunInfo(cfg, run.state.model, run.tokenizer, run.data_info, {"precision": precision, "parameters": num_params(run.state.model)}))
 
-    with Progress(console=console, transient=True) as progress:
-        task = progress.add_task("bench", total=len(phases) * rounds * len(candidates))
-        for phase in phases:
-            if phase == TRAINER_ALLOCATOR and env.device.type == "cpu":
-                keep_freed_memory()  # what train() does on a CPU; it cannot be undone, so this phase comes last
-            for round_index in range(rounds):
-                measured = round_index >= bench.warmup_steps
-                for candidate in candidates:
-                    progress.update(task, description=f"{phase}, round {round_index + 1}/{rounds}: {candidate.name}")
-                    sync(env.device)
-                    faults, start = minor_page_faults(), time.perf_counter()
-                    tokens, useful, data_wait = candidate.step()
-                    sync(env.device)
-                    seconds, faults = time.perf_counter() - start, minor_page_faults() - faults
-                    if measured:
-                        timing = candidate.timings.setdefault(phase, Timing())
-                        timing.seconds.append(seconds)
-                        timing.tokens.append(tokens)
-                        timing.useful.append(useful)
-                        timing.data_wait.append(data_wait)
-                        timing.page_faults.append(faults)
-                    progress.advance(task)
-                if tracker is not None:  # what a log interval costs the trainer: reading the values, the hook, a round trip to the store, the display
-                    start = time.perf_counter()
-                    row = {name: value.item() for name, value in main.last.items()} | {"train/lr": cfg.train.lr}
-                    tracker.on_metrics([(run.state.step, row)])
-                    tracker.flush(force=True)
-                    progress.update(task, description=f"round {round_index + 1}/{rounds}: loss {row['train/loss']:.3f}")
-                    hook_times.append(time.perf_counter() - start)
-                for p, sizes in ceilings.items():
-                    for size in sizes:
-                        sizes[size].append(measure_matmul_flops(autocast_dtype(p) or torch.float32, env.device, size=size, repeats=3))
-
-        if bench.profile:  # in the trainer's steady state, before the memory pass hands memory back to the OS
+    with Progress(console=Console(), transient=True) as progress:
+        task = progress.add_task("bench", total=len(phases) * (cfg.bench.warmup_steps + cfg.bench.steps) * len(candidates))
+        hook_times = time_rounds(cfg, env, candidates, phases, ceilings, progress, task, tracker, run.state)
+        if cfg.bench.profile:  # in the trainer's steady state, before the memory pass hands memory back to the OS
             for candidate in candidates:
                 if candidate.name.startswith("ours") and "packing" not in candidate.name:
                     progress.update(task, description=f"profile: {candidate.name}")
@@ -323,14 +286,12 @@ def run_benchmark(cfg: DictConfig, label: str = "", tracker=None) -> BenchResult
     for p, sizes in ceilings.items():
         best = max(sizes, key=lambda s: statistics.median(sizes[s]))
         matmul[p] = (statistics.median(sizes[best]), best)
-    step_seconds = statistics.median(main.timings[TRAINER_ALLOCATOR].seconds)
+    step_seconds = statistics.median(candidates[0].timings[phases[-1]].seconds)
     flush_seconds = statistics.median(hook_times) if hook_times else 0.0
-    m = cfg.model
-    shape = {
-        "parameters": num_params(run.state.model), "vocab": m.vocab_size, "hidden": m.hidden_size, "layers": m.num_layers,
-        "heads": m.num_heads, "kv heads": m.num_kv_heads, "intermediate": run.model_config.intermediate_size,
-        "seq": cfg.data.seq_len, "batch": cfg.train.batch_size, "grad accum": cfg.train.grad_accum, "precision": precision,
-    }
+    m = run.model_config
+    shape = {"parameters": num_params(run.state.model), "vocab": m.vocab_size, "hidden": m.hidden_size, "layers": m.num_hidden_layers,
+             "heads": m.num_attention_heads, "kv heads": m.num_key_value_heads, "intermediate": m.intermediate_size,
+             "seq": cfg.data.seq_len, "batch": cfg.train.batch_size, "grad accum": cfg.train.grad_accum, "precision": precision}
     threads = f", {torch.get_num_threads()} threads" if env.device.type == "cpu" else ""
     return BenchResult(
         label=label or f"{shape['parameters'] / 1e6:.1f}M, {precision}",
@@ -342,9 +303,55 @@ def run_benchmark(cfg: DictConfig, label: str = "", tracker=None) -> BenchResult
         table_peak_flops=peak_flops(env.device, precision, resolve_path(cfg.out_dir) / "cache"),
         tracking_share=flush_seconds / (cfg.train.log_every * step_seconds),
         tracking_ms_per_flush=flush_seconds * 1e3,
-        flops_per_token=flops_token,
-        rounds=bench.steps,
+        flops_per_token=flops_per_token(run.model_config, cfg.data.seq_len),
+        rounds=cfg.bench.steps,
     )
+
+
+def build_candidates(cfg: DictConfig, env: distributed.DistEnv) -> tuple[list[Candidate], Components]:
+    """Our step first (the one `train()` runs), then the variants and references the bench section asks for."""
+    main, run = ours(cfg, env, "ours")
+    candidates = [main]
+    if cfg.bench.padded:
+        candidates.append(ours(cfg, env, "ours, a document per row (data.packing=false)", **{"data.packing": False})[0])
+    if cfg.bench.compile:  # the trainer with torch.compile switched the other way from what train.compile picks here
+        candidates.append(ours(cfg, env, "ours", **{"train.compile": str(not run.compiled).lower()})[0])
+    if cfg.bench.llama:
+        candidates.append(llama(cfg, env, run, compiled=False))
+        if cfg.bench.compile:
+            candidates.append(llama(cfg, env, run, compiled=True))
+    return candidates, run
+
+
+def time_rounds(cfg: DictConfig, env: distributed.DistEnv, candidates: list[Candidate], phases: list[str], ceilings: dict,
+                progress: Progress, task, tracker, state) -> list[float]:
+    """Round-robin steps of every candidate in each phase, the matmul ceilings between rounds; returns the tracking times."""
+    rounds = cfg.bench.warmup_steps + cfg.bench.steps
+    hook_times: list[float] = []
+    for phase in phases:
+        if phase == TRAINER_ALLOCATOR and env.device.type == "cpu":
+            keep_freed_memory()  # what train() does on a CPU; it cannot be undone, so this phase comes last
+        for round_index in range(rounds):
+            for candidate in candidates:
+                progress.update(task, description=f"{phase}, round {round_index + 1}/{rounds}: {candidate.name}")
+                sync(env.device)
+                faults, start = minor_page_faults(), time.perf_counter()
+                tokens, useful, data_wait = candidate.step()
+                sync(env.device)
+                if round_index >= cfg.bench.warmup_steps:
+                    candidate.timings.setdefault(phase, Timing()).add(time.perf_counter() - start, tokens, useful, data_wait, minor_page_faults() - faults)
+                progress.advance(task)
+            if tracker is not None:  # what a log interval costs the trainer: reading the values, the hook, a round trip to the store, the display
+                start = time.perf_counter()
+                row = {name: value.item() for name, value in candidates[0].last.items()} | {"train/lr": cfg.train.lr}
+                tracker.on_metrics([(state.step, row)])
+                tracker.flush(force=True)
+                progress.update(task, description=f"round {round_index + 1}/{rounds}: loss {row['train/loss']:.3f}")
+                hook_times.append(time.perf_counter() - start)
+            for p, sizes in ceilings.items():
+                for size in sizes:
+                    sizes[size].append(measure_matmul_flops(autocast_dtype(p) or torch.float32, env.device, size=size, repeats=3))
+    return hook_times
 
 
 # ----------------------------------------------------------------------------- the report

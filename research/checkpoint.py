@@ -80,11 +80,6 @@ def load_checkpoint(path: Path) -> dict:
         raise UserError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); use an earlier one") from None
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    found = list_checkpoints(folder)
-    return found[-1] if found else None
-
-
 class StopSignal:
     """SIGINT / SIGTERM handling for one call of `train()`: installed on entry, the previous handlers restored on exit.
 

@@ -18,7 +18,6 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 from research.errors import UserError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS_DIR = REPO_ROOT / "results"
 
 
 @dataclass
@@ -35,17 +34,19 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """The model's shape, under the names of `MiniMindConfig` (and transformers' `LlamaConfig`): one name per setting."""
+
     vocab_size: int = 6400  # must be >= the tokenizer's vocabulary
     hidden_size: int = 512  # width of the residual stream
-    num_layers: int = 8  # transformer blocks
-    num_heads: int = 8  # query heads
-    num_kv_heads: int = 2  # key/value heads (grouped-query attention); must divide num_heads
+    num_hidden_layers: int = 8  # transformer blocks
+    num_attention_heads: int = 8  # query heads; must divide hidden_size
+    num_key_value_heads: int = 2  # key/value heads (grouped-query attention); must divide num_attention_heads
     intermediate_size: int = 0  # SwiGLU width; 0 = 8/3 * hidden_size rounded up to a multiple of 64
     max_position_embeddings: int = 32768  # longest sequence RoPE is set up for
     rope_theta: float = 1e6  # RoPE base
-    norm_eps: float = 1e-5  # RMSNorm epsilon
+    rms_norm_eps: float = 1e-5  # RMSNorm epsilon
     dropout: float = 0.0  # dropout on attention and residual branches
-    tie_embeddings: bool = True  # share the input embedding with the output head
+    tie_word_embeddings: bool = True  # share the input embedding with the output head
 
 
 @dataclass
@@ -99,6 +100,9 @@ class SweepConfig:
     warmup_max: int = 100  # upper bound of train.warmup_steps
     min_lr_ratio_min: float = 0.0  # lower bound of train.min_lr_ratio
     min_lr_ratio_max: float = 1.0  # upper bound of train.min_lr_ratio
+    heartbeat_s: int = 30  # a running trial marks itself alive this often
+    grace_s: int = 300  # a running trial silent this long belongs to a dead worker: it is failed and queued again
+    max_retries: int = 2  # times a dead worker's trial is queued again before it stays failed
 
 
 @dataclass
@@ -175,23 +179,27 @@ def _split(override: str) -> tuple[str, str]:
     return key.strip(), value
 
 
-def make_config(overrides: dict[str, Any] | list[str] = ()) -> Config:
-    """A typed Config from the defaults plus overrides; what components receive (as DictConfig duck-typed)."""
-    cfg = OmegaConf.structured(Config)
-    apply_overrides(cfg, overrides)
-    validate(cfg)
-    return cfg
+def make_config(overrides: dict[str, Any] | list[str] = ()) -> DictConfig:
+    """The defaults plus overrides, as an OmegaConf structured config typed by `Config`; not yet validated."""
+    return apply_overrides(OmegaConf.structured(Config), overrides)
 
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg)
 
 
+# model keys as runs logged them before the model section took MiniMindConfig's (Llama's) names
+RENAMED_MODEL_KEYS = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
+                      "norm_eps": "rms_norm_eps", "tie_embeddings": "tie_word_embeddings"}
+
+
 def from_yaml(text: str) -> DictConfig:
-    """Load a logged config back onto the schema, so types and unknown keys are checked again."""
+    """Load a logged config back onto the schema, so types and unknown keys are checked again (old model key names are renamed)."""
     cfg = OmegaConf.structured(Config)
     try:
-        loaded = OmegaConf.create(text)
+        loaded = OmegaConf.to_container(OmegaConf.create(text))
+        model = loaded.get("model", {})
+        loaded["model"] = {RENAMED_MODEL_KEYS.get(key, key): value for key, value in model.items()}
         return OmegaConf.merge(cfg, loaded)
     except OmegaConfBaseException as err:
         raise UserError(f"logged config does not fit this version's schema: {str(err).splitlines()[0]}") from None
@@ -223,7 +231,7 @@ def resolve_path(path: str) -> Path:
 
 def validate(cfg: DictConfig) -> None:
     """Catch impossible settings before any work starts."""
-    t, m, d = cfg.train, cfg.model, cfg.data
+    t, m, d = cfg.train, cfg.model, cfg.data  # the model's own shape is checked by model.model_config
     checks = [
         (t.max_steps > 0, f"train.max_steps must be > 0, got {t.max_steps}"),
         (t.batch_size > 0, f"train.batch_size must be > 0, got {t.batch_size}"),
@@ -235,17 +243,14 @@ def validate(cfg: DictConfig) -> None:
         (t.precision in ("auto", "fp32", "bf16", "fp16"), f"train.precision must be auto, fp32, bf16 or fp16, got '{t.precision}'"),
         (t.eval_every >= 0 and t.log_every > 0, "train.eval_every must be >= 0 and train.log_every > 0"),
         (t.max_skipped_steps >= 0, f"train.max_skipped_steps must be >= 0 (0 = never stop), got {t.max_skipped_steps}"),
-        (m.hidden_size > 0 and m.num_heads > 0 and m.hidden_size % m.num_heads == 0,
-         f"model.num_heads ({m.num_heads}) must divide model.hidden_size ({m.hidden_size})"),
-        (m.num_kv_heads > 0 and m.num_heads % m.num_kv_heads == 0,
-         f"model.num_kv_heads ({m.num_kv_heads}) must divide model.num_heads ({m.num_heads})"),
-        (m.num_layers > 0 and m.vocab_size > 0, "model.num_layers and model.vocab_size must be > 0"),
         (d.seq_len > 1, f"data.seq_len must be > 1, got {d.seq_len}"),
         (d.seq_len <= m.max_position_embeddings,
          f"data.seq_len ({d.seq_len}) exceeds model.max_position_embeddings ({m.max_position_embeddings}); lower data.seq_len or raise the model maximum"),
         (0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}"),
         (cfg.bench.steps > 0 and cfg.bench.warmup_steps >= 0, "bench.steps must be > 0 and bench.warmup_steps >= 0"),
         (cfg.sweep.pruner in ("hyperband", "median", "none"), f"sweep.pruner must be hyperband, median or none, got '{cfg.sweep.pruner}'"),
+        (0 < cfg.sweep.heartbeat_s < cfg.sweep.grace_s and cfg.sweep.max_retries >= 0,
+         f"need 0 < sweep.heartbeat_s < sweep.grace_s and sweep.max_retries >= 0, got {cfg.sweep.heartbeat_s}, {cfg.sweep.grace_s}, {cfg.sweep.max_retries}"),
     ]
     for ok, message in checks:
         if not ok:

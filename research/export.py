@@ -5,7 +5,7 @@ translation plus a strict state-dict load: if any name or shape differed, the lo
 which is the point. The folder then loads anywhere with `AutoModelForCausalLM.from_pretrained(dir)`,
 no `trust_remote_code` and no import of this repo needed.
 
-Two ways out: `python run.py export run_id=<id> out=<dir>` writes a logged run's model to a folder,
+Two ways out: `export_llama` writes a model to a folder (`python run.py export run_id=<id> out=<dir>`),
 and `log_llama_model` logs the same Llama model to MLflow in its transformers flavor at the end of
 every tracked run, so `mlflow.transformers.load_model("runs:/<run id>/llama")` gives a
 text-generation pipeline anywhere.
@@ -129,18 +129,3 @@ def log_llama_model(client, run_id: str, model: MiniMindForCausalLM, tokenizer, 
         client.log_model_artifacts(logged.model_id, str(folder))
     client.log_outputs(run_id, [LoggedModelOutput(logged.model_id, step=step)])
     return client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
-
-
-def main(args: list[str]) -> int:
-    """`python run.py export run_id=<id> out=<dir>`: a logged run's model as a Llama folder."""
-    from research.artifacts import load_run_model, parse_command
-
-    options, cfg = parse_command("export", args, {"run_id": (str, ...), "out": (str, ...)})
-    out = Path(options["out"]).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise UserError(f"out={out} exists and is not an empty folder; choose a new folder or delete it")
-    model, tokenizer = load_run_model(cfg, options["run_id"])
-    export_llama(model, out, tokenizer)  # refuses (UserError) before writing anything
-    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
-    print(f"exported run {options['run_id']} as LlamaForCausalLM to {out} ({size / 1e6:.1f} MB); load with AutoModelForCausalLM.from_pretrained('{out}')")
-    return 0

@@ -18,20 +18,19 @@ from pathlib import Path
 
 import torch
 
-from research.errors import UserError
 
-# Dense bf16/fp16 tensor-core peaks (no sparsity), FLOP/s, by substring of the device name.
+# Dense peaks (no sparsity), FLOP/s, by substring of the device name: (bf16/fp16 tensor cores, TF32 tensor cores, plain fp32).
 GPU_PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 125e12,
-    "L4": 121e12,
-    "RTX 4090": 165e12,
-    "RTX 3090": 71e12,
-    "V100": 125e12,
-    "T4": 65e12,
+    "H200": (989e12, 494e12, 67e12),
+    "H100": (989e12, 494e12, 67e12),
+    "A100": (312e12, 156e12, 19.5e12),
+    "L40S": (362e12, 183e12, 91.6e12),
+    "A10G": (125e12, 62.5e12, 31.2e12),
+    "L4": (121e12, 60e12, 30.3e12),
+    "RTX 4090": (165e12, 82.6e12, 82.6e12),
+    "RTX 3090": (71e12, 35.6e12, 35.6e12),
+    "V100": (125e12, 15.7e12, 15.7e12),  # no TF32: fp32 matmuls run on the CUDA cores
+    "T4": (65e12, 8.1e12, 8.1e12),
 }
 
 
@@ -76,9 +75,7 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if cpu_has_fast_bf16() else "fp32"
-    if precision == "fp16" and device.type != "cuda":
-        raise UserError("train.precision=fp16 needs a CUDA device (its gradient scaler is CUDA-only); use bf16 or fp32 on CPU")
-    return precision
+    return precision  # fp16 off CUDA was refused by config.validate
 
 
 def resolve_compile(setting: str, device: torch.device, parameters: int) -> bool:
@@ -177,9 +174,11 @@ def peak_flops(device: torch.device, precision: str, cache_dir: Path | None = No
     """Peak FLOP/s for MFU: a known table for GPUs, a (cached) measurement for CPUs."""
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        for key, flops in GPU_PEAK_FLOPS.items():
+        for key, (half, tf32, fp32) in GPU_PEAK_FLOPS.items():
             if key in name:
-                return flops if precision in ("bf16", "fp16") else flops / 2
+                if precision in ("bf16", "fp16"):
+                    return half
+                return fp32 if torch.get_float32_matmul_precision() == "highest" else tf32  # fp32 matmuls use TF32 unless "highest"
     dtype = autocast_dtype(precision) or torch.float32
     key = f"{device_name(device)}|{torch.get_num_threads()}|{dtype}|best of {matmul_sizes(precision, device)}"
     cache = (cache_dir / "peak_flops.json") if cache_dir else None

@@ -22,11 +22,14 @@ import math
 import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationMixin, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from research.errors import UserError
 
 
 # ----------------------------------------------------------------------------- config
@@ -62,7 +65,7 @@ class MiniMindConfig(PreTrainedConfig):
     pad_token_id: int | None = 0
 
     def __post_init__(self, **kwargs):
-        if self.intermediate_size is None:
+        if not self.intermediate_size:  # None or 0: the SwiGLU default
             self.intermediate_size = 64 * math.ceil(self.hidden_size * 8 / 3 / 64)
         super().__post_init__(**kwargs)
 
@@ -72,11 +75,13 @@ class MiniMindConfig(PreTrainedConfig):
 
     def validate_architecture(self):
         """Run by transformers' strict dataclass checks on every construction."""
+        if min(self.vocab_size, self.hidden_size, self.num_hidden_layers, self.num_attention_heads, self.num_key_value_heads) <= 0:
+            raise ValueError("model.vocab_size, hidden_size, num_hidden_layers, num_attention_heads and num_key_value_heads must be > 0")
         if self.hidden_size % self.num_attention_heads != 0:
-            raise ValueError(f"num_attention_heads ({self.num_attention_heads}) must divide hidden_size ({self.hidden_size})")
+            raise ValueError(f"model.num_attention_heads ({self.num_attention_heads}) must divide model.hidden_size ({self.hidden_size})")
         if self.num_attention_heads % self.num_key_value_heads != 0:
             raise ValueError(
-                f"num_key_value_heads ({self.num_key_value_heads}) must divide num_attention_heads ({self.num_attention_heads})"
+                f"model.num_key_value_heads ({self.num_key_value_heads}) must divide model.num_attention_heads ({self.num_attention_heads})"
             )
         if self.head_dim % 2 != 0:
             raise ValueError(f"the head dimension ({self.head_dim}) must be even for RoPE")
@@ -84,26 +89,17 @@ class MiniMindConfig(PreTrainedConfig):
             raise ValueError(f"only hidden_act='silu' (SwiGLU) is implemented, got {self.hidden_act!r}")
 
 
-def config_from(model_cfg, **token_ids) -> MiniMindConfig:
-    """Translate the experiment's `ModelConfig` section (dataclass or OmegaConf node) into a `MiniMindConfig`.
+def model_config(section, **token_ids) -> MiniMindConfig:
+    """The `MiniMindConfig` of the experiment's `model` section, whose keys are the config's own field names.
 
-    `token_ids` (bos_token_id=, eos_token_id=, pad_token_id=) come from the tokenizer, which the
-    experiment config does not describe.
+    `token_ids` (bos_token_id=, eos_token_id=, pad_token_id=) come from the tokenizer. An impossible
+    shape is a UserError naming the setting, raised by `validate_architecture`, the one place it is checked.
     """
-    return MiniMindConfig(
-        vocab_size=int(model_cfg.vocab_size),
-        hidden_size=int(model_cfg.hidden_size),
-        intermediate_size=int(model_cfg.intermediate_size) or None,
-        num_hidden_layers=int(model_cfg.num_layers),
-        num_attention_heads=int(model_cfg.num_heads),
-        num_key_value_heads=int(model_cfg.num_kv_heads),
-        max_position_embeddings=int(model_cfg.max_position_embeddings),
-        rope_theta=float(model_cfg.rope_theta),
-        rms_norm_eps=float(model_cfg.norm_eps),
-        dropout=float(model_cfg.dropout),
-        tie_word_embeddings=bool(model_cfg.tie_embeddings),
-        **token_ids,
-    )
+    fields = {key: section[key] for key in section}
+    try:
+        return MiniMindConfig(**fields, **token_ids)
+    except StrictDataclassError as err:  # it wraps our ValueError; the last line is our message
+        raise UserError(f"bad model shape: {str(err).splitlines()[-1].strip().removeprefix('ValueError: ')}") from None
 
 
 # ----------------------------------------------------------------------------- building blocks

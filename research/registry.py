@@ -53,9 +53,12 @@ def recipe(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
 
 def build(name: str, overrides: list[str] | dict[str, Any] = ()) -> DictConfig:
     """Defaults, then the experiment's recipe, then the command line; validated once at the end."""
+    from research.model import model_config  # torch and transformers: only once the keys and types are known good
+
     cfg = make_config({"exp": name})
     apply_overrides(cfg, recipe(name))
     apply_overrides(cfg, overrides)
     cfg.exp = name
     validate(cfg)
+    model_config(cfg.model)  # the model's shape, checked where the model defines it
     return cfg

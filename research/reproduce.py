@@ -1,7 +1,7 @@
 """Continue a logged run where it stopped, or run it again from what it logged.
 
-    python run.py resume=<run_id>      # the same MLflow run, from its newest checkpoint
-    python run.py reproduce=<run_id>   # a new run from the logged config, compared with the original
+    python run.py resume=<run_id>      # the same MLflow run, from its newest checkpoint: `resume`
+    python run.py reproduce=<run_id>   # a new run from the logged config, compared with the original: `reproduce`
 
 Both start from what the run logged rather than from today's defaults: its config.yaml
 artifact (the whole resolved config, seed included) and its `data.digest` and
@@ -39,28 +39,16 @@ from research.trainer import TrainResult
 LOCATION_KEYS = ("out_dir", "tracking.uri", "data.cache_dir")
 BOOKKEEPING_KEYS = ("train.checkpoint_every", "train.keep_checkpoints", "train.log_every")
 HARDWARE_KEYS = ("train.threads", "train.device")
-ALLOW_DATA_CHANGE = "reproduce.allow_data_change"  # reproduce on data whose digest differs from the logged one
+ALLOW_DATA_CHANGE = "allow_data_change"  # the option of `run.py reproduce=<run_id>` that reruns on changed data
 
 
-def main(args: list[str]) -> int:
-    """`resume=<run_id>` or `reproduce=<run_id>` plus allowed overrides, from the command line."""
-    commands = [arg for arg in args if arg.startswith(("resume=", "reproduce="))]
-    if len(commands) != 1:
-        raise UserError("give exactly one of resume=<run_id> or reproduce=<run_id>")
-    verb, run_id = commands[0].split("=", 1)
-    if not run_id.strip():
-        raise UserError(f"{verb}= needs a run id, e.g. {verb}=<32 hex digits> (python run.py ui lists runs)")
-    rest = [arg for arg in args if arg != commands[0]]
-    return resume(run_id.strip(), rest) if verb == "resume" else reproduce(run_id.strip(), rest)
-
-
-def resume(run_id: str, overrides: list[str] = ()) -> int:
+def resume(run_id: str, overrides: dict[str, str] | None = None) -> int:
     """Continue `run_id` inside the same MLflow run from its newest checkpoint; it ends FINISHED.
 
     A run that already finished is left as it is (one line, exit status 0). A run
     with no checkpoint anywhere trains again from step 0, in the same run.
     """
-    allowed, _ = parse_overrides("resume", overrides)
+    allowed = check_overrides("resume", overrides or {})
     client, run, cfg = open_logged_run(run_id, allowed)
     if run.info.status == "FINISHED":
         print(f"run {run_id} already finished; nothing to resume")
@@ -81,9 +69,12 @@ def resume(run_id: str, overrides: list[str] = ()) -> int:
     return 0
 
 
-def reproduce(run_id: str, overrides: list[str] = ()) -> int:
-    """Train `run_id`'s logged config again as a new run tagged `reproduced_from`, and compare the two."""
-    allowed, allow_data_change = parse_overrides("reproduce", overrides)
+def reproduce(run_id: str, overrides: dict[str, str] | None = None, allow_data_change: bool = False) -> int:
+    """Train `run_id`'s logged config again as a new run tagged `reproduced_from`, and compare the two.
+
+    allow_data_change: rerun on data whose digest differs from the logged one (the curves will differ).
+    """
+    allowed = check_overrides("reproduce", overrides or {})
     client, run, cfg = open_logged_run(run_id, allowed)
     check_data(run, cfg, "reproduce", allow_change=allow_data_change)
     warn_about_differences(run, allowed)
@@ -96,26 +87,15 @@ def reproduce(run_id: str, overrides: list[str] = ()) -> int:
     return 0
 
 
-def parse_overrides(verb: str, overrides: list[str]) -> tuple[dict[str, str], bool]:
-    """({key: value} of the allowed overrides, whether a data change is allowed); any other key is refused."""
-    allowed: dict[str, str] = {}
-    allow_data_change = False
+def check_overrides(verb: str, overrides: dict[str, str]) -> dict[str, str]:
+    """The overrides, if every key is one a resume or reproduction accepts; any other key is refused in one line."""
     accepted = LOCATION_KEYS + BOOKKEEPING_KEYS + HARDWARE_KEYS
-    for item in overrides:
-        if "=" not in item:
-            raise UserError(f"expected key=value after {verb}=<run_id>, got '{item}'")
-        key, value = (part.strip() for part in item.split("=", 1))
-        if verb == "reproduce" and key == ALLOW_DATA_CHANGE:
-            if value.lower() not in ("true", "false"):
-                raise UserError(f"{ALLOW_DATA_CHANGE} must be true or false, got '{value}'")
-            allow_data_change = value.lower() == "true"
-        elif key in accepted:
-            allowed[key] = value
-        else:
+    for key in overrides:
+        if key not in accepted:
             why = ("to train longer, start a new run with a larger train.max_steps (the learning-rate schedule depends on it)"
                    if key == "train.max_steps" else "for a variant, start a new run: python run.py exp=NAME key=value")
             raise UserError(f"{verb}=<run_id> refuses '{key}': the run would silently differ from the logged one; {why} (accepted: {', '.join(accepted)})")
-    return allowed, allow_data_change
+    return dict(overrides)
 
 
 def open_logged_run(run_id: str, overrides: dict[str, str]) -> tuple[MlflowClient, Run, DictConfig]:

@@ -1,45 +1,40 @@
-"""`python run.py sample run_id=<id> prompt="..."`: text from a logged run, printed as it is generated.
-
-    python run.py sample run_id=<id> prompt="ROMEO:" temperature=0.8 top_k=50 max_new_tokens=200 seed=1
-
-The model is the run's `model` artifact, loaded as trained; the same seed gives the same text.
-Without seed= every call samples differently.
-"""
+"""Text from a model: seeded samples at the end of a run, and `python run.py sample` on a logged one."""
 
 from __future__ import annotations
 
-import random
+from typing import Sequence
 
-from transformers import TextStreamer
+import torch
 
-from research.artifacts import load_run_model, parse_command
-from research.distributed import pick_device
-from research.errors import UserError
-from research.trainer import generate_samples
-
-OPTIONS = {
-    "run_id": (str, ...),
-    "prompt": (str, ...),
-    "temperature": (float, 0.8),  # softmax temperature; lower is more conservative
-    "top_k": (int, 50),  # sample among the k most likely tokens; 0 = all
-    "max_new_tokens": (int, 200),
-    "seed": (int, None),
-    "device": (str, "auto"),
-}
+from research.model import MiniMindForCausalLM
 
 
-def main(args: list[str]) -> int:
-    options, cfg = parse_command("sample", args, OPTIONS)
-    if options["temperature"] <= 0 or options["max_new_tokens"] <= 0 or options["top_k"] < 0:
-        raise UserError("sample needs temperature > 0, max_new_tokens > 0 and top_k >= 0")
-    model, tokenizer = load_run_model(cfg, options["run_id"])
-    device = pick_device(options["device"])
-    seed = options["seed"] if options["seed"] is not None else random.randrange(2**31)
-    print(options["prompt"], end="", flush=True)
-    generate_samples(
-        model.to(device), tokenizer, [options["prompt"]], options["max_new_tokens"], seed, device,
-        temperature=options["temperature"], top_k=options["top_k"],
-        streamer=TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True),
-    )
-    return 0
-
+@torch.no_grad()
+@torch.compiler.set_stance("force_eager")  # a growing KV cache would recompile compiled blocks at every new length
+def generate_samples(
+    model: MiniMindForCausalLM, tokenizer, prompts: Sequence[str], max_new_tokens: int, seed: int, device: torch.device,
+    temperature: float = 0.8, top_k: int = 50, streamer=None,
+) -> list[tuple[str, str]]:
+    """A few seeded samples, generated without touching the training RNG (`streamer`: transformers' TextStreamer)."""
+    if max_new_tokens <= 0:
+        return []
+    was_training = model.training
+    model.eval()
+    samples = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for prompt in prompts:
+            ids = [tokenizer.bos_token_id] + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+            out = model.generate(
+                torch.tensor([ids], device=device),
+                max_new_tokens=max_new_tokens,
+                do_sample=True,
+                temperature=temperature,
+                top_k=top_k,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+                streamer=streamer,
+            )
+            samples.append((prompt, tokenizer.decode(out[0, 1:], skip_special_tokens=True)))
+    model.train(was_training)
+    return samples

@@ -1,32 +1,40 @@
 """Optuna studies over any experiment: `run_sweep(cfg)`, what `run.py` does when `sweep.n_trials > 0`.
 
-Each trial is the ordinary `train` loop with two more hooks: `MLflowHook` logs it as a
-child run of the study's parent run, and `ReportToTrial` hands every validation loss
-to the pruner. The study lives in an Optuna storage, so rerunning the same command
-resumes it and several workers on one storage share it; `sweep.n_trials` is the total.
+Each trial is the ordinary `train` loop with two more hooks: `MLflowHook` logs it as a child run
+of the study's parent run, and `ReportToTrial` hands every validation loss to the pruner. The
+study lives in an Optuna storage, so rerunning the same command resumes it and several workers
+on one storage share it.
+
+`sweep.n_trials` is the total, held as a queue: the worker that creates the study enqueues that
+many trials (`study.enqueue_trial`), and every worker takes queued trials until none is left.
+Taking one is the storage's own compare-and-set from WAITING to RUNNING (what `study.ask` does
+with a queued trial), so any number of workers on SQLite, a journal file or PostgreSQL run
+exactly `n_trials` trials without a lock. We do not use `study.optimize`: it asks for a trial
+before it can know whether other workers have emptied the queue, and then creates a new one, so
+two workers finishing at the same moment ran one trial too many. Everything else is Optuna's:
+the heartbeat thread of a running trial, failing the trials of dead workers
+(`fail_stale_trials`, on the storage's `grace_period`) and queueing them again
+(`RetryHeartbeatStaleTrialCallback`, up to `sweep.max_retries` times).
 """
 
 from __future__ import annotations
 
 import copy
-import fcntl
 import gc
 import math
 import os
 import re
 import tempfile
-import threading
 import time
 import warnings
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 import optuna
 from mlflow.entities import RunTag
 from omegaconf import DictConfig
 from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning, UpdateFinishedTrialError
-from optuna.storages import JournalStorage, RDBStorage
+from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
@@ -34,56 +42,47 @@ from rich.table import Table
 
 from research.config import apply_overrides, resolve_path, to_yaml, validate
 from research.errors import UserError
-from research.tracking import MLflowHook, connect, mlflow_run, tracking_uri
+from research.tracking import MLflowHook, connect, start_run, tracking_uri
 from research.trainer import Hooks, train
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the study's MLflow parent run
+QUEUED_ATTR = "n_trials_queued"  # study user attr: how many trials have been enqueued in all (retries aside)
 CHILD_RUN_ATTR = "mlflow_run_id"  # trial user attr: the trial's MLflow child run
 END_REASON_ATTR = "end_reason"  # trial user attr: why a trial was pruned or failed
 HEARTBEAT_ATTR = "heartbeat"  # trial system attr on journal storages: last sign of life (unix time)
-HEARTBEAT_S = 30  # a running trial proves it is alive this often
-GRACE_S = 300  # a RUNNING trial silent this long belongs to a dead worker and is failed
 WORKER_LOST = "its worker stopped (no heartbeat)"
 INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM: the trial counts as failed, its run ends KILLED like any stopped run
 RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
 
 
 def run_sweep(cfg: DictConfig) -> optuna.Study:
-    """Run the study's missing trials (of `sweep.n_trials` in total), then summarise all of them."""
+    """Run queued trials until none is left, then summarise the study."""
     check_search_space(cfg)
     console = Console()
     name = cfg.sweep.study_name or f"{cfg.exp}-sweep"
     url = storage_url(cfg)
+    client = connect(tracking_uri(cfg)) if cfg.tracking.enabled else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.sweep.max_retries)
 
     def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:
         close_child_run(client, trial.user_attrs.get(CHILD_RUN_ATTR), TrialState.FAIL, WORKER_LOST)
+        retry(study, trial)
 
-    storage = open_storage(url, on_stale)  # before MLflow: a bad storage URL fails at once
-    client = connect(tracking_uri(cfg)) if cfg.tracking.enabled else None
-    pruner = make_pruner(cfg)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        try:
-            study, created = optuna.create_study(study_name=name, storage=storage, pruner=pruner, direction="minimize"), True
-        except DuplicatedStudyError:
-            study, created = optuna.load_study(study_name=name, storage=storage, pruner=pruner), False
-    lock = claims_lock_path(url)
-    console.print(f"[bold]study[/] {name} ({'new' if created else 'resumed'}, {len(study.trials)} of {cfg.sweep.n_trials} trials) in {mask_password(url)}")
-
-    with ExitStack() as stack:
-        parent_run_id = None
-        if client:
-            parent_cfg = copy.deepcopy(cfg)
-            parent_cfg.tracking.run_name = cfg.tracking.run_name or name
-            _, parent_run_id = stack.enter_context(mlflow_run(parent_cfg, run_id=existing_parent(client, study, created)))
-            study.set_user_attr(PARENT_RUN_ATTR, parent_run_id)
-            client.log_batch(parent_run_id, tags=[RunTag(k, v) for k, v in parent_tags(cfg, name, url, pruner).items()])
-            client.log_text(parent_run_id, to_yaml(cfg), "config.yaml")
-        while (trial := claim_trial(study, storage, cfg.sweep.n_trials, lock, on_stale)) is not None:
-            study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + trial.number)  # reproducible, and distinct per worker
-            run_trial(study, trial, storage, cfg, client, parent_run_id, console)
+    storage = open_storage(url, cfg.sweep, on_stale)  # before MLflow: a bad storage URL fails at once
+    study, created = open_study(name, storage, make_pruner(cfg), cfg.sweep.n_trials)
+    console.print(f"[bold]study[/] {name} ({'new' if created else 'resumed'}, {cfg.sweep.n_trials} trials) in {mask_password(url)}")
+    parent_run_id = open_parent_run(client, study, created, cfg, name, url)
+    interrupted = True
+    try:
+        while (trial := take_queued_trial(study, cfg.seed, min(cfg.sweep.heartbeat_s, 5), console)) is not None:
+            run_trial(study, trial, cfg, client, parent_run_id, console)
             gc.collect()  # the trial's model is unreachable now; free it before the next one is built
         summarise(study, cfg, name, url, client, parent_run_id, console)
+        interrupted = False
+    finally:
+        close_parent_run(client, parent_run_id, study, interrupted, console)
     return study
 
 
@@ -134,7 +133,7 @@ def make_pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-# ---- storage: where the study lives, and who may add a trial to it ----
+# ---- storage: where the study lives, and its queue of trials ----
 
 
 def storage_url(cfg: DictConfig) -> str:
@@ -148,99 +147,94 @@ def journal_path(url: str) -> Path | None:
     return None
 
 
-def open_storage(url: str, on_stale: Callable[[optuna.Study, FrozenTrial], None]) -> RDBStorage | JournalStorage:
-    """A journal file, or any SQLAlchemy URL (SQLite, PostgreSQL, MySQL) with heartbeats so dead workers' trials get failed."""
+def open_storage(url: str, sweep_cfg, on_stale) -> RDBStorage | JournalStorage:
+    """A journal file, or any SQLAlchemy URL (SQLite, PostgreSQL, MySQL), with heartbeats so dead workers' trials get failed."""
+    heartbeat = {"heartbeat_interval": sweep_cfg.heartbeat_s, "grace_period": sweep_cfg.grace_s, "heartbeat_stale_trial_callback": on_stale}
     try:
         if (path := journal_path(url)) is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorage(JournalFileBackend(str(path)))
+            return JournalStorageWithHeartbeat(JournalFileBackend(str(path)), **heartbeat)
         if url.startswith("sqlite:///"):
             Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
-            return RDBStorage(url, heartbeat_interval=HEARTBEAT_S, grace_period=GRACE_S, heartbeat_stale_trial_callback=on_stale)
+            return RDBStorage(url, **heartbeat)
     except Exception as err:  # bad URL, missing driver, unreachable server: one line, not a SQLAlchemy traceback
         raise UserError(f"cannot open Optuna storage {mask_password(url)} ({str(err).splitlines()[0]}); fix sweep.storage") from None
+
+
+class JournalStorageWithHeartbeat(JournalStorage, BaseHeartbeat):
+    """Optuna's journal storage with the heartbeat its SQL storage has: the last sign of life is a trial system attr."""
+
+    def __init__(self, backend, heartbeat_interval: int, grace_period: int, heartbeat_stale_trial_callback):
+        super().__init__(backend)
+        self.heartbeat_interval, self.grace_period, self.on_stale = heartbeat_interval, grace_period, heartbeat_stale_trial_callback
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        now = time.time()
+        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        return [t._trial_id for t in running if now - t.system_attrs.get(HEARTBEAT_ATTR, t.datetime_start.timestamp()) > self.grace_period]
+
+    def get_heartbeat_interval(self) -> int:
+        return self.heartbeat_interval
+
+    def get_heartbeat_stale_trial_callback(self):
+        return self.on_stale
 
 
 def mask_password(url: str) -> str:
     return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
 
 
-def claims_lock_path(url: str) -> Path | None:
-    """A lock file beside a local storage file; a database server has none (see the README, "Several workers")."""
-    path = journal_path(url) or (Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None)
-    return path.with_name(path.name + ".claims.lock") if path else None
-
-
-@contextmanager
-def file_lock(path: Path | None) -> Iterator[None]:
-    if path is None:
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+def open_study(name: str, storage, pruner, n_trials: int) -> tuple[optuna.Study, bool]:
+    """Create or load the study, and queue trials up to `n_trials` in all; (study, created here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
         try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+            study, created = optuna.create_study(study_name=name, storage=storage, pruner=pruner, direction="minimize"), True
+        except DuplicatedStudyError:
+            study, created = optuna.load_study(study_name=name, storage=storage, pruner=pruner), False
+    if not created:  # the creator queues the first trials: wait for that, so workers started together queue them once
+        deadline = time.monotonic() + 30
+        while QUEUED_ATTR not in study.user_attrs and time.monotonic() < deadline:
+            time.sleep(0.2)
+    queued = study.user_attrs.get(QUEUED_ATTR, 0)
+    for _ in range(n_trials - queued):
+        study.enqueue_trial({})
+    if n_trials > queued:
+        study.set_user_attr(QUEUED_ATTR, n_trials)
+    return study, created
 
 
-def claim_trial(study: optuna.Study, storage, n_trials: int, lock: Path | None, on_stale) -> optuna.Trial | None:
-    """A new trial while the study has fewer than n_trials in any state; counting and creating are one step under the lock."""
-    with file_lock(lock):
-        fail_stale_trials(study, storage, on_stale)
-        if len(study.get_trials(deepcopy=False)) >= n_trials:
-            return None
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Heartbeat of storage")  # `Heartbeat` below does what optimize() would
-            return study.ask()
+def take_queued_trial(study: optuna.Study, seed: int, poll_s: float, console: Console) -> optuna.Trial | None:
+    """The next queued trial, now RUNNING and ours; None once no trial is queued or running anywhere.
 
-
-def fail_stale_trials(study: optuna.Study, storage, on_stale) -> None:
-    """RUNNING trials whose worker died become FAIL (RDB storages have Optuna's heartbeat; journals our attr)."""
-    if isinstance(storage, RDBStorage):
+    While other workers still run trials, wait for them: a dead worker's trial is failed once its heartbeat
+    is older than the grace period and queued again (`on_stale`), and this worker then takes it.
+    """
+    announced = False
+    while True:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
-            optuna.storages.fail_stale_trials(study)  # calls on_stale, given to the storage, for each
-        return
-    now = time.time()
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        if now - trial.system_attrs.get(HEARTBEAT_ATTR, trial.datetime_start.timestamp()) > GRACE_S:
+            optuna.storages.fail_stale_trials(study)
+        for waiting in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             try:
-                storage.set_trial_user_attr(trial._trial_id, END_REASON_ATTR, WORKER_LOST)
-                storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
-            except UpdateFinishedTrialError:  # it finished, or another worker failed it, meanwhile
+                if not study._storage.set_trial_state_values(waiting._trial_id, state=TrialState.RUNNING):
+                    continue  # another worker took it first
+            except UpdateFinishedTrialError:
                 continue
-            on_stale(study, storage.get_trial(trial._trial_id))
-
-
-class Heartbeat:
-    """While a trial runs, a thread marks it alive every HEARTBEAT_S seconds."""
-
-    def __init__(self, storage, trial: optuna.Trial):
-        if isinstance(storage, RDBStorage):
-            self.beat = lambda: storage.record_heartbeat(trial._trial_id)
-        else:
-            self.beat = lambda: storage.set_trial_system_attr(trial._trial_id, HEARTBEAT_ATTR, time.time())
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self.run, daemon=True)
-
-    def run(self) -> None:
-        while True:
-            try:
-                self.beat()
-            except Exception:  # a storage hiccup must not stop the heartbeat for good
-                pass
-            if self.stop.wait(HEARTBEAT_S):
-                return
-
-    def __enter__(self) -> None:
-        self.thread.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        self.thread.join()
+            study.sampler = optuna.samplers.TPESampler(seed=seed + waiting.number)  # reproducible, and distinct per worker
+            return optuna.Trial(study, waiting._trial_id)
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if not running:
+            return None
+        if not announced:
+            console.print(f"no trial left to start; waiting for {len(running)} running in other workers (a dead worker's is queued again after sweep.grace_s)")
+            announced = True
+        time.sleep(poll_s)
 
 
 # ---- one trial ----
@@ -268,51 +262,49 @@ def trial_config(cfg: DictConfig, trial: optuna.Trial) -> DictConfig:
     return trial_cfg
 
 
-def run_trial(study: optuna.Study, trial: optuna.Trial, storage, cfg: DictConfig, client, parent_run_id: str | None, console: Console) -> None:
-    """Train one trial and tell the study how it ended; only an interrupt escapes."""
-    state, value, reason = TrialState.COMPLETE, None, ""
+def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: DictConfig, client, parent_run_id: str | None, console: Console) -> None:
+    """Train one trial, logged as a child run while Optuna's heartbeat thread marks it alive; tell the study how it ended."""
+    state, value, reason, run_id = TrialState.COMPLETE, None, "", None
     try:
         trial_cfg = trial_config(cfg, trial)
         console.rule(f"trial {trial.number}: " + "  ".join(f"{k}={v:.4g}" for k, v in trial.params.items()))
-        with Heartbeat(storage, trial), child_run(trial_cfg, trial, client, parent_run_id) as hooks:
-            value = train(trial_cfg, [*hooks, ReportToTrial(trial, cfg.train.max_steps)]).final_val_loss  # the result (and its model) is dropped here
+        hooks: list[Hooks] = [ReportToTrial(trial, cfg.train.max_steps)]
+        if client is not None:
+            run_id = start_run(client, trial_cfg, parent_run_id, {"sweep.study_name": study.study_name, "sweep.trial_number": str(trial.number)})
+            trial.set_user_attr(CHILD_RUN_ATTR, run_id)
+            hooks.insert(0, MLflowHook(client, run_id, log_artifacts=False))
+        with get_heartbeat_thread(trial._trial_id, study._storage):
+            try:
+                value = train(trial_cfg, hooks).final_val_loss  # the result (and its model) is dropped here
+            finally:
+                if client is not None:
+                    hooks[0].close()  # a pruned or failed run keeps the metrics logged up to its last step
         if not math.isfinite(value):
             state, value, reason = TrialState.FAIL, None, f"final val loss is {value}"
     except optuna.TrialPruned as pruned:
         state, reason = TrialState.PRUNED, str(pruned)
     except KeyboardInterrupt:
-        finish_trial(study, trial, client, TrialState.FAIL, None, INTERRUPTED)
+        finish_trial(study, trial, client, run_id, TrialState.FAIL, None, INTERRUPTED)
         raise
     except Exception as err:  # NaN loss, out of memory, a bad config: this trial fails, the study goes on
         state, value, reason = TrialState.FAIL, None, f"{type(err).__name__}: {err}"
-    finish_trial(study, trial, client, state, value, reason)
+    finish_trial(study, trial, client, run_id, state, value, reason)
     console.print(f"trial {trial.number}: [bold]{state.name}[/]" + (f" val loss {value:.4f}" if value is not None else "") + (f" ({reason})" if reason else ""))
 
 
-@contextmanager
-def child_run(trial_cfg: DictConfig, trial: optuna.Trial, client, parent_run_id: str | None) -> Iterator[list[Hooks]]:
-    """The trial's MLflow run under the study's parent (its id kept on the trial); yields the hooks that log into it."""
-    if client is None:
-        yield []
-        return
-    tags = {"sweep.study_name": trial.study.study_name, "sweep.trial_number": str(trial.number)}
-    with mlflow_run(trial_cfg, parent_run_id=parent_run_id, tags=tags) as (run_client, run_id):
-        trial.set_user_attr(CHILD_RUN_ATTR, run_id)
-        hook = MLflowHook(run_client, run_id, log_artifacts=False)
-        try:
-            yield [hook]
-        finally:
-            hook.close()  # a pruned or failed run keeps the metrics logged up to its last step
-
-
-def finish_trial(study: optuna.Study, trial: optuna.Trial, client, state: TrialState, value: float | None, reason: str) -> None:
+def finish_trial(study: optuna.Study, trial: optuna.Trial, client, run_id: str | None, state: TrialState, value: float | None, reason: str) -> None:
+    """Tell the study, then end the child run once, with the same state. An interrupted trial is queued again."""
     try:
-        if reason:
-            trial.set_user_attr(END_REASON_ATTR, reason[:1000])
+        trial.set_user_attr(END_REASON_ATTR, reason[:1000])
         study.tell(trial, value, state=state)
-    except UpdateFinishedTrialError:  # this worker was silent too long and another one failed the trial
+    except UpdateFinishedTrialError:  # this worker was silent too long and another one failed (and queued) the trial
         state, reason = TrialState.FAIL, WORKER_LOST
-    close_child_run(client, trial.user_attrs.get(CHILD_RUN_ATTR), state, reason)
+    else:
+        if reason == INTERRUPTED:  # rerunning the command finishes the study
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                RetryHeartbeatStaleTrialCallback()(study, study._storage.get_trial(trial._trial_id))
+    close_child_run(client, run_id, state, reason)
 
 
 def close_child_run(client, run_id: str | None, state: TrialState, reason: str) -> None:
@@ -341,6 +333,33 @@ def parent_tags(cfg: DictConfig, name: str, url: str, pruner: optuna.pruners.Bas
     return tags
 
 
+def open_parent_run(client, study: optuna.Study, created: bool, cfg: DictConfig, name: str, url: str) -> str | None:
+    """The study's one parent run (created by the worker that created the study, reopened by the others and by reruns)."""
+    if client is None:
+        return None
+    run_id = existing_parent(client, study, created)
+    if run_id is None:
+        parent_cfg = copy.deepcopy(cfg)
+        parent_cfg.tracking.run_name = cfg.tracking.run_name or name
+        run_id = start_run(client, parent_cfg)
+        study.set_user_attr(PARENT_RUN_ATTR, run_id)
+    else:
+        client.update_run(run_id, status="RUNNING")
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in parent_tags(cfg, name, url, study.pruner).items()])
+    client.log_text(run_id, to_yaml(cfg), "config.yaml")
+    return run_id
+
+
+def close_parent_run(client, run_id: str | None, study: optuna.Study, interrupted: bool, console: Console) -> None:
+    """FINISHED once no trial is left to run, KILLED when this worker was stopped and no other is running; else it stays RUNNING."""
+    if client is None or run_id is None:
+        return
+    if study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        console.print("other workers are still running trials: the parent run stays RUNNING until the last one ends")
+        return
+    client.set_terminated(run_id, status="KILLED" if interrupted else "FINISHED")
+
+
 def existing_parent(client, study: optuna.Study, created: bool) -> str | None:
     """The parent run of a resumed study, if this tracking store has it; None means: create one.
 
@@ -349,8 +368,8 @@ def existing_parent(client, study: optuna.Study, created: bool) -> str | None:
     """
     if created:
         return None
-    deadline = time.monotonic() + 10
-    while PARENT_RUN_ATTR not in study.user_attrs and not study.trials and time.monotonic() < deadline:
+    deadline = time.monotonic() + 10  # the creator names its parent right after queueing the trials
+    while PARENT_RUN_ATTR not in study.user_attrs and time.monotonic() < deadline:
         time.sleep(0.2)
     run_id = study.user_attrs.get(PARENT_RUN_ATTR)
     if run_id is None:

@@ -27,7 +27,7 @@ import mlflow
 import requests
 import torch
 import transformers
-from mlflow.entities import Metric, Param, RunStatus, RunTag
+from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
@@ -122,17 +122,21 @@ def run_tags(cfg: DictConfig) -> tuple[dict[str, str], str]:
     }, info["diff"]
 
 
+def start_run(client: MlflowClient, cfg: DictConfig, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+    """A new RUNNING run in the config's experiment (under `parent_run_id` when given); returns its id."""
+    exp_id = experiment_id(client, cfg.tracking.experiment or cfg.exp, artifact_root(cfg))
+    all_tags = dict(tags or {})
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    return client.create_run(exp_id, run_name=cfg.tracking.run_name or None, tags=all_tags).info.run_id
+
+
 @contextmanager
 def mlflow_run(cfg: DictConfig, parent_run_id: str | None = None, tags: dict[str, str] | None = None, run_id: str | None = None) -> Iterator[tuple[MlflowClient, str]]:
     """Open (or reopen, with run_id) a run; end it FINISHED, FAILED or KILLED with the reason as a tag."""
     client = connect(tracking_uri(cfg))
     if run_id is None:
-        exp_id = experiment_id(client, cfg.tracking.experiment or cfg.exp, artifact_root(cfg))
-        all_tags = dict(tags or {})
-        if parent_run_id:
-            all_tags["mlflow.parentRunId"] = parent_run_id
-        run = client.create_run(exp_id, run_name=cfg.tracking.run_name or None, tags=all_tags)
-        run_id = run.info.run_id
+        run_id = start_run(client, cfg, parent_run_id, tags)
     else:
         client.update_run(run_id, status="RUNNING")
         if "end_reason" in client.get_run(run_id).data.tags:  # left by the stop this reopening continues from

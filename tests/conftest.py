@@ -17,9 +17,9 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 
 TINY = {
     "model.hidden_size": 64,
-    "model.num_layers": 2,
-    "model.num_heads": 4,
-    "model.num_kv_heads": 2,
+    "model.num_hidden_layers": 2,
+    "model.num_attention_heads": 4,
+    "model.num_key_value_heads": 2,
     "data.seq_len": 64,
     "train.batch_size": 4,
     "train.max_steps": 12,
@@ -56,3 +56,12 @@ def run_cli(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: int 
     full_env = dict(os.environ)
     full_env.update(env or {})
     return subprocess.run([sys.executable, str(REPO / "run.py"), *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_one_line_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]

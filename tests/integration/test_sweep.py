@@ -160,27 +160,27 @@ def test_a_diverging_trial_fails_and_the_study_goes_on(sweep_cfg):
         assert child.data.tags["sweep.state"] == "FAIL"
 
 
-@pytest.mark.filterwarnings("ignore:Heartbeat of storage")  # planting the trial by hand, outside optimize()
 @pytest.mark.parametrize("kind", ["journal", "sqlite"])
-def test_a_dead_workers_trial_is_failed_and_counted(sweep_cfg, tmp_path, monkeypatch, kind):
+def test_a_dead_workers_trial_is_failed_and_queued_again(sweep_cfg, tmp_path, kind):
     url = str(tmp_path / "study.journal") if kind == "journal" else f"sqlite:///{tmp_path / 'optuna.db'}"
-    cfg = sweep_cfg(sweep__n_trials=2, sweep__storage=url)
-    storage = sweep.open_storage(url, on_stale=None)
-    study = optuna.create_study(study_name=STUDY, storage=storage)
-    stale = study.ask()  # a trial whose worker was killed, with its child run left RUNNING
+    cfg = sweep_cfg(sweep__n_trials=2, sweep__storage=url, sweep__heartbeat_s=1, sweep__grace_s=2)
+    storage = sweep.open_storage(url, cfg.sweep, on_stale=None)
+    study, _ = sweep.open_study(STUDY, storage, sweep.make_pruner(cfg), cfg.sweep.n_trials)
+    stale = sweep.take_queued_trial(study, cfg.seed, 1, sweep.Console())  # a trial whose worker was killed, with its child run left RUNNING
     client = MlflowClient(tracking_uri(cfg))
     run_id = client.create_run(experiment_id(client, "lr_sweep", artifact_root(cfg))).info.run_id
     stale.set_user_attr(CHILD_RUN_ATTR, run_id)
-    sweep.Heartbeat(storage, stale).beat()  # its last sign of life
-    monkeypatch.setattr(sweep, "GRACE_S", 1)
-    time.sleep(2.1)  # SQL storages keep heartbeats to the second
+    storage.record_heartbeat(stale._trial_id)  # its last sign of life
+    time.sleep(3.1)  # past the grace period (SQL storages keep heartbeats to the second)
 
     trials = run_sweep(cfg).get_trials()
-    assert [(t.number, t.state) for t in trials] == [(0, TrialState.FAIL), (1, TrialState.COMPLETE)]
-    if kind == "journal":  # an SQL storage fails it itself, before the reason could be attached
-        assert "no heartbeat" in trials[0].user_attrs[END_REASON_ATTR]
+    assert [t.state for t in trials][:1] == [TrialState.FAIL] and len(trials) == 3
+    assert all(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in trials[1:])  # n_trials finished, the dead one aside
+    assert trials[2].system_attrs["failed_trial"] == 0  # the dead worker's trial, queued again
     run = client.get_run(run_id)
     assert run.info.status == "FAILED" and "no heartbeat" in run.data.tags["end_reason"]
+    parents, children = runs_of(cfg)
+    assert [p.info.status for p in parents if p.info.run_id != run_id] == ["FINISHED"] and sorted(children) == [1, 2]
 
 
 def test_bad_bounds_and_storages_are_one_line_errors(sweep_cfg):

@@ -14,7 +14,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, Llam
 from research.config import ModelConfig
 from research.errors import UserError
 from research.export import export_llama, to_llama_config
-from research.model import (MiniMindConfig, MiniMindForCausalLM, attention_mask_for, config_from, flops_per_token,
+from research.model import (MiniMindConfig, MiniMindForCausalLM, attention_mask_for, flops_per_token, model_config,
                             num_params)
 
 TEXT = b"ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
@@ -56,13 +56,13 @@ def test_default_config_and_auto_intermediate_size():
 
 
 def test_config_from_experiment_section():
-    section = OmegaConf.structured(ModelConfig(hidden_size=64, num_layers=3, num_heads=4, num_kv_heads=1,
-                                               norm_eps=1e-6, tie_embeddings=False, dropout=0.1))
-    c = config_from(section, bos_token_id=5, eos_token_id=6, pad_token_id=7)
+    section = OmegaConf.structured(ModelConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=1,
+                                               rms_norm_eps=1e-6, tie_word_embeddings=False, dropout=0.1))
+    c = model_config(section, bos_token_id=5, eos_token_id=6, pad_token_id=7)
     assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads) == (64, 3, 4, 1)
     assert c.intermediate_size == 192 and c.rms_norm_eps == 1e-6 and c.rope_theta == 1e6 and c.dropout == 0.1
     assert not c.tie_word_embeddings and (c.bos_token_id, c.eos_token_id, c.pad_token_id) == (5, 6, 7)
-    assert config_from(ModelConfig(intermediate_size=100)).intermediate_size == 100  # plain dataclass works too
+    assert model_config(OmegaConf.structured(ModelConfig(intermediate_size=100))).intermediate_size == 100
 
 
 def test_config_rejects_bad_head_counts():

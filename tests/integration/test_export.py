@@ -9,7 +9,8 @@ from mlflow.tracking import MlflowClient
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, pipeline
 
 from conftest import TINY, run_cli
-from research import export, registry, sample
+import run
+from research import registry
 from research.data import iter_documents
 from research.errors import UserError
 from research.export import LOGGED_MODEL_NAME
@@ -73,17 +74,17 @@ def test_logged_transformers_flavor_loads_and_generates(tracked, monkeypatch):
 def test_export_refuses_bad_run_missing_model_and_used_folder(tracked, tmp_path):
     _, result, uri = tracked
     with pytest.raises(UserError, match="no run 'nope'"):
-        export.main(["run_id=nope", f"out={tmp_path / 'a'}", f"tracking.uri={uri}"])
+        run.main(["export", "run_id=nope", f"out={tmp_path / 'a'}", f"tracking.uri={uri}"])
     client = MlflowClient(uri)
     empty = client.create_run(client.get_run(result.run_id).info.experiment_id).info.run_id
     with pytest.raises(UserError, match="has no 'model' artifact"):
-        export.main([f"run_id={empty}", f"out={tmp_path / 'b'}", f"tracking.uri={uri}"])
+        run.main(["export", f"run_id={empty}", f"out={tmp_path / 'b'}", f"tracking.uri={uri}"])
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "keep.txt").write_text("mine")
     with pytest.raises(UserError, match="not an empty folder"):
-        export.main([f"run_id={result.run_id}", f"out={tmp_path / 'c'}", f"tracking.uri={uri}"])
+        run.main(["export", f"run_id={result.run_id}", f"out={tmp_path / 'c'}", f"tracking.uri={uri}"])
     with pytest.raises(UserError, match="needs out="):
-        export.main([f"run_id={result.run_id}", f"tracking.uri={uri}"])
+        run.main(["export", f"run_id={result.run_id}", f"tracking.uri={uri}"])
 
 
 def test_sample_prints_a_continuation(tracked):
@@ -102,5 +103,5 @@ def test_sample_refuses_bad_input_with_one_line(tracked):
         ([f"run_id={result.run_id}"], "needs prompt="),
     ]:
         with pytest.raises(UserError, match=fragment) as err:  # run.py prints it as one line, exit status 2 (test_cli)
-            sample.main([*args, f"tracking.uri={uri}"])
+            run.main(["sample", *args, f"tracking.uri={uri}"])
         assert "\n" not in str(err.value)

@@ -7,7 +7,8 @@ from mlflow.tracking import MlflowClient
 
 from research.runner import run_tracked
 from research.tracking import tracking_uri
-from research.trainer import Hooks, masked_cross_entropy, train
+from research.step import masked_cross_entropy
+from research.trainer import Hooks, train
 
 
 def test_padding_positions_do_not_change_the_loss():

@@ -15,7 +15,7 @@ from research.tokenizer import (
 )
 
 SHAKESPEARE = REPO_ROOT / "data" / "shakespeare.jsonl.gz"
-TANG_SONG = Path(__file__).parent / "data" / "tang_song.jsonl"
+TANG_SONG = Path(__file__).parents[1] / "data" / "tang_song.jsonl"
 
 
 def write_jsonl(path: Path, texts) -> Path:

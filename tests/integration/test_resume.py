@@ -24,13 +24,13 @@ from conftest import REPO, run_cli
 from research import registry
 from research.checkpoint import checkpoint_step, list_checkpoints, load_checkpoint, prune_checkpoints
 from research.errors import UserError
-from research.reproduce import main as resume_or_reproduce
+from run import main as resume_or_reproduce
 from research.runner import run_tracked
 from research.trainer import Hooks, train
 
 MAX_STEPS = 16
 RUN = {
-    "model.hidden_size": 32, "model.num_layers": 2, "model.num_heads": 2, "model.num_kv_heads": 1, "model.dropout": 0.1,
+    "model.hidden_size": 32, "model.num_hidden_layers": 2, "model.num_attention_heads": 2, "model.num_key_value_heads": 1, "model.dropout": 0.1,
     "data.seq_len": 32, "train.batch_size": 2, "train.max_steps": MAX_STEPS, "train.warmup_steps": 2, "train.eval_every": 8,
     "train.eval_batches": 1, "train.log_every": 4, "train.sample_tokens": 0, "train.threads": 1, "train.precision": "fp32",
     "train.checkpoint_every": 2, "train.keep_checkpoints": 3, "tracking.log_hf_model": False,
@@ -266,7 +266,7 @@ def test_a_kill_during_a_checkpoint_write_leaves_the_previous_one_intact(tmp_pat
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_resuming_from_a_middle_checkpoint_is_bitwise_identical(root, tmp_path, precision):
-    tiny = {**RUN, "model.num_layers": 1, "data.seq_len": 8, "train.max_steps": 6, "train.eval_every": 3, "train.checkpoint_every": 3,
+    tiny = {**RUN, "model.num_hidden_layers": 1, "data.seq_len": 8, "train.max_steps": 6, "train.eval_every": 3, "train.checkpoint_every": 3,
             "train.keep_checkpoints": 0, "train.precision": precision, "tracking.enabled": False,
             "out_dir": str(tmp_path), "data.cache_dir": str(root / "cache"), "data.path": str(root / "data.jsonl")}
     whole = train(registry.build("baseline", {**tiny, "train.checkpoint_dir": str(tmp_path / "whole")}))

@@ -1,15 +1,6 @@
 """run.py as a user types it: listings, and one clear line with exit status 2 for bad input."""
 
-from conftest import run_cli
-
-
-def assert_one_line_error(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr
-    assert "Traceback" not in proc.stderr
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
+from conftest import assert_one_line_error, run_cli
 
 
 def test_list_shows_experiments_with_descriptions():
@@ -22,8 +13,8 @@ def test_list_shows_experiments_with_descriptions():
 def test_keys_lists_required_names():
     out = run_cli("keys").stdout
     for key in ["seed", "train.max_steps", "train.batch_size", "train.grad_accum", "train.lr", "train.warmup_steps",
-                "train.min_lr_ratio", "train.precision", "train.eval_every", "model.hidden_size", "model.num_layers",
-                "model.num_heads", "model.num_kv_heads", "model.vocab_size", "data.path", "data.seq_len", "data.packing",
+                "train.min_lr_ratio", "train.precision", "train.eval_every", "model.hidden_size", "model.num_hidden_layers",
+                "model.num_attention_heads", "model.num_key_value_heads", "model.vocab_size", "data.path", "data.seq_len", "data.packing",
                 "tracking.experiment"]:
         assert f"{key} = " in out, key
 
@@ -49,6 +40,6 @@ def test_impossible_values_are_caught_before_work():
     assert_one_line_error(run_cli("train.lr=-1"), "train.lr must be > 0")
     assert_one_line_error(run_cli("train.warmup_steps=500", "train.max_steps=100"), "warmup_steps")
     assert_one_line_error(run_cli("train.min_lr_ratio=1.5"), "min_lr_ratio")
-    assert_one_line_error(run_cli("model.num_heads=5"), "num_heads")
-    assert_one_line_error(run_cli("model.num_kv_heads=3"), "num_kv_heads")
+    assert_one_line_error(run_cli("model.num_attention_heads=5"), "model.num_attention_heads (5) must divide model.hidden_size")
+    assert_one_line_error(run_cli("model.num_key_value_heads=3"), "model.num_key_value_heads (3) must divide")
     assert_one_line_error(run_cli("train.precision=fp16", "train.device=cpu"), "fp16 needs a CUDA device")

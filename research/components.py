@@ -1,0 +1,80 @@
+"""What a run builds before its first step, from its config: tokenizer, data, model, optimizer, state, step function.
+
+`train` and the benchmark both start from `build(cfg, env)`, so the benchmark times exactly the
+step a training run takes.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from omegaconf import DictConfig
+
+from research import distributed
+from research.checkpoint import load_checkpoint
+from research.config import resolve_path
+from research.data import BatchSampler, DataInfo, build_datasets
+from research.errors import UserError
+from research.hardware import autocast_dtype, resolve_compile, resolve_precision
+from research.model import MiniMindConfig, MiniMindForCausalLM, model_config, num_params
+from research.state import TrainState, seed_everything
+from research.step import SkippedSteps, StepRunner, build_optimizer
+from research.tokenizer import load_tokenizer
+
+
+@dataclass
+class Components:
+    """The parts of one run, ready for its first (or resumed) step."""
+
+    tokenizer: Any
+    train_ds: Any
+    val_ds: Any
+    data_info: DataInfo
+    model_config: MiniMindConfig
+    state: TrainState
+    step: StepRunner
+    precision: str  # fp32 | bf16 | fp16, resolved for the device
+    amp: Callable[[], Any]  # a fresh autocast context (or nullcontext) per use
+    compiled: bool  # the transformer blocks run through torch.compile
+
+
+def build(cfg: DictConfig, env: distributed.DistEnv) -> Components:
+    """Everything for `cfg` on `env`; a `train.resume_from` checkpoint is loaded, so the state is where the run left off."""
+    if cfg.train.threads > 0 and env.device.type == "cpu":
+        torch.set_num_threads(cfg.train.threads)
+    precision = resolve_precision(cfg.train.precision, env.device)
+    amp_dtype = autocast_dtype(precision)
+
+    def amp():
+        return torch.autocast(env.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if len(tokenizer) > cfg.model.vocab_size:
+        raise UserError(f"tokenizer at {cfg.data.tokenizer} has {len(tokenizer)} tokens but model.vocab_size={cfg.model.vocab_size}; set model.vocab_size>={len(tokenizer)}")
+    with distributed.rank_zero_first(env):  # rank 0 builds the token cache, the others then read it
+        train_ds, val_ds, data_info = build_datasets(cfg.data, tokenizer)
+    sampler = BatchSampler(train_ds, cfg.train.batch_size, seed=cfg.seed, rank=env.rank, world_size=env.world_size)
+
+    seed_everything(cfg.seed)  # every rank starts from the same weights
+    config = model_config(cfg.model, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    model = MiniMindForCausalLM(config).to(env.device)
+    optimizer = build_optimizer(model, cfg.train, env.device)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
+    state = TrainState(model=model, optimizer=optimizer, scaler=scaler, sampler=sampler)
+    if cfg.train.resume_from:
+        state.load_state_dict(load_checkpoint(resolve_path(cfg.train.resume_from))["state"])
+    else:
+        seed_everything(cfg.seed + env.rank)  # dropout differs per rank; data order comes from the sampler
+
+    compiled = resolve_compile(cfg.train.compile, env.device, num_params(model))
+    if compiled:  # regional compilation: one graph for the block, compiled once and reused by every layer
+        for block in model.model.layers:
+            block.compile()
+    forward_model = model
+    if env.is_distributed:
+        forward_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
+    step = StepRunner(state, forward_model, amp, cfg.train.grad_clip, env, SkippedSteps(cfg.train.max_skipped_steps))
+    return Components(tokenizer, train_ds, val_ds, data_info, config, state, step, precision, amp, compiled)
