@@ -4,7 +4,8 @@
     python run.py exp=baseline train.max_steps=50  # any key of research/config.py
     python run.py list                             # experiments and what they do
     python run.py keys                             # every config key with its default
-    python run.py ui                               # MLflow UI on the results store
+    python run.py ui [exp=NAME] [port=5000]        # MLflow UI on the results store (or the URL of a tracking server)
+    python run.py sync                             # upload runs that lost their tracking server (results/offline)
     python run.py resume=<run_id>                  # continue a stopped run from its newest checkpoint
     python run.py reproduce=<run_id>               # train a logged run again and compare the curves
     python run.py export run_id=<id> out=<dir>     # a run's model as a Llama folder (AutoModelForCausalLM)
@@ -48,18 +49,24 @@ def print_keys() -> None:
 
 
 def open_ui(args: list[str]) -> int:
-    from omegaconf import OmegaConf
-
-    from research.config import Config
+    """`ui [port=5000] [host=127.0.0.1] [exp=NAME] [out_dir=... | tracking.uri=...]`: the MLflow UI on the runs' store."""
+    from research.artifacts import parse_command
     from research.tracking import artifact_root, tracking_uri
+    from research.ui import serve_ui
 
-    cfg = OmegaConf.structured(Config)
-    port = next((a.split("=", 1)[1] for a in args if a.startswith("port=")), "5000")
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(cfg), "--port", port]
-    if artifact_root(cfg):
-        cmd += ["--default-artifact-root", artifact_root(cfg)]
-    print(" ".join(cmd))
-    return subprocess.call(cmd)
+    options, cfg = parse_command("ui", args, {"port": (int, 5000), "host": (str, "127.0.0.1")})
+    return serve_ui(tracking_uri(cfg), artifact_root(cfg), cfg.tracking.experiment or cfg.exp, options["host"], options["port"])
+
+
+def sync(args: list[str]) -> int:
+    """`sync [out_dir=... | tracking.uri=...]`: upload the runs in <out_dir>/offline to the tracking store."""
+    from research.artifacts import parse_command
+    from research.sync import sync_offline
+    from research.tracking import artifact_root, connect, offline_dir, tracking_uri
+
+    _, cfg = parse_command("sync", args, {})
+    sync_offline(offline_dir(cfg), connect(tracking_uri(cfg)), artifact_root(cfg))
+    return 0
 
 
 def main(argv: list[str]) -> int:
@@ -70,7 +77,7 @@ def main(argv: list[str]) -> int:
         from research.reproduce import main as reproduce_main
 
         return reproduce_main(args)
-    if not args or args[0] not in ("list", "keys", "ui", "export", "sample", "--help", "-h", "help"):
+    if not args or args[0] not in ("list", "keys", "ui", "sync", "export", "sample", "--help", "-h", "help"):
         exp = "baseline"
         overrides = []
         for arg in args:
@@ -87,6 +94,8 @@ def main(argv: list[str]) -> int:
         print_keys()
     elif args[0] == "ui":
         return open_ui(args[1:])
+    elif args[0] == "sync":
+        return sync(args[1:])
     elif args[0] == "export":
         from research.export import main as export_main
 
