@@ -4,7 +4,8 @@
     python run.py exp=NAME key=value ...           # train (or sweep) a named experiment; any key of `keys`
     python run.py list                             # experiments and what they do
     python run.py keys                             # every config key with its default
-    python run.py ui [port=5000]                   # MLflow UI on the results store
+    python run.py ui [exp=NAME] [port=5000]        # MLflow UI on the results store (or the URL of a tracking server)
+    python run.py sync                             # upload runs that lost their tracking server (results/offline)
     python run.py resume=<run_id>                  # continue a stopped run from its newest checkpoint
     python run.py reproduce=<run_id>               # train a logged run again and compare the curves [allow_data_change=true]
     python run.py export run_id=<id> out=<dir>     # a run's model as a Llama folder (AutoModelForCausalLM)
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 import difflib
 import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any, Callable
@@ -158,15 +158,13 @@ def sample(args: list[str]) -> int:
 
 
 def ui(args: list[str]) -> int:
+    """`ui [port=5000] [host=127.0.0.1] [exp=NAME] [out_dir=... | tracking.uri=...]`: the MLflow UI on the runs' store."""
     from research.tracking import artifact_root, tracking_uri
+    from research.ui import serve_ui
 
-    options, overrides = parse("ui", args, {"port": (int, 5000)})
+    options, overrides = parse("ui", args, {"port": (int, 5000), "host": (str, "127.0.0.1")})
     cfg = make_config(overrides)
-    cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", tracking_uri(cfg), "--port", str(options["port"])]
-    if artifact_root(cfg):
-        cmd += ["--default-artifact-root", artifact_root(cfg)]
-    print(" ".join(cmd))
-    return subprocess.call(cmd)
+    return serve_ui(tracking_uri(cfg), artifact_root(cfg), cfg.tracking.experiment or cfg.exp, options["host"], options["port"])
 
 
 def list_experiments(args: list[str]) -> int:
@@ -192,9 +190,20 @@ def usage() -> str:
     return "\n".join(lines)
 
 
+def sync(args: list[str]) -> int:
+    """`sync [out_dir=... | tracking.uri=...]`: upload the runs in <out_dir>/offline to the tracking store."""
+    from research.sync import sync_offline
+    from research.tracking import artifact_root, connect, offline_dir, tracking_uri
+
+    _, overrides = parse("sync", args, {})
+    cfg = make_config(overrides)
+    sync_offline(offline_dir(cfg), connect(tracking_uri(cfg)), artifact_root(cfg))
+    return 0
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "list": list_experiments, "help": list_experiments, "--help": list_experiments, "-h": list_experiments,
-    "keys": list_keys, "ui": ui, "export": export, "sample": sample,
+    "keys": list_keys, "ui": ui, "sync": sync, "export": export, "sample": sample,
 }
 
 

@@ -78,7 +78,8 @@ def reproduce(run_id: str, overrides: dict[str, str] | None = None, allow_data_c
     client, run, cfg = open_logged_run(run_id, allowed)
     check_data(run, cfg, "reproduce", allow_change=allow_data_change)
     warn_about_differences(run, allowed)
-    cfg.train.checkpoint_dir, cfg.train.resume_from, cfg.tracking.run_name = "", "", ""  # the new run's own
+    cfg.train.checkpoint_dir, cfg.train.resume_from = "", ""  # the new run's own
+    cfg.tracking.run_name = f"reproduce-{run_id[:8]}"
     cfg.tracking.enabled = True
     cfg.tracking.experiment = client.get_experiment(run.info.experiment_id).name
     result = run_tracked(cfg, tags={"reproduced_from": run_id})
@@ -140,8 +141,8 @@ def warn_about_differences(run: Run, overrides: dict[str, str]) -> None:
     logged, current = run.data.tags.get("git.commit"), git_info()["commit"]
     if logged and logged != current:
         warn(f"the code is at commit {current[:12]} but run {run.info.run_id} used {logged[:12]}; results may differ")
-    if run.data.tags.get("git.dirty") == "true":
-        warn(f"run {run.info.run_id} had uncommitted changes (its git_diff.patch artifact); results may differ unless the same changes are present")
+    if run.data.tags.get("git.dirty") == "true":  # changes to tracked files, always logged as the patch (untracked files are only listed, in git.untracked)
+        warn(f"run {run.info.run_id} had uncommitted changes to tracked files (its git_diff.patch artifact); results may differ unless the same changes are present")
     for key in HARDWARE_KEYS:
         if key in overrides:
             warn(f"{key}={overrides[key]} may change the low-order bits of every step compared with the logged run")

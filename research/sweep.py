@@ -23,14 +23,13 @@ import copy
 import gc
 import math
 import os
-import re
 import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import optuna
-from mlflow.entities import RunTag
+from mlflow.entities import Metric, Param, RunTag
 from omegaconf import DictConfig
 from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -42,7 +41,9 @@ from rich.table import Table
 
 from research.config import apply_overrides, resolve_path, to_yaml, validate
 from research.errors import UserError
-from research.tracking import MLflowHook, connect, start_run, tracking_uri
+from research.tracking import (
+    SWEEP_SECTIONS, TRIAL_RUN_STATUS, MLflowHook, connect, mask_password, params_and_tags, start_run, tracking_uri, trial_run_name,
+)
 from research.trainer import Hooks, train
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the study's MLflow parent run
@@ -52,7 +53,6 @@ END_REASON_ATTR = "end_reason"  # trial user attr: why a trial was pruned or fai
 HEARTBEAT_ATTR = "heartbeat"  # trial system attr on journal storages: last sign of life (unix time)
 WORKER_LOST = "its worker stopped (no heartbeat)"
 INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM: the trial counts as failed, its run ends KILLED like any stopped run
-RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
 
 
 def run_sweep(cfg: DictConfig) -> optuna.Study:
@@ -185,10 +185,6 @@ class JournalStorageWithHeartbeat(JournalStorage, BaseHeartbeat):
         return self.on_stale
 
 
-def mask_password(url: str) -> str:
-    return re.sub(r"(://[^:/@]+:)[^@]*@", r"\1***@", url)
-
-
 def open_study(name: str, storage, pruner, n_trials: int) -> tuple[optuna.Study, bool]:
     """Create or load the study, and queue trials up to `n_trials` in all; (study, created here)."""
     with warnings.catch_warnings():
@@ -256,7 +252,7 @@ class ReportToTrial(Hooks):
 def trial_config(cfg: DictConfig, trial: optuna.Trial) -> DictConfig:
     trial_cfg = copy.deepcopy(cfg)
     apply_overrides(trial_cfg, search_space(trial, cfg))
-    trial_cfg.tracking.run_name = f"{cfg.tracking.run_name or 'trial'}-{trial.number}"
+    trial_cfg.tracking.run_name = trial_run_name(cfg.tracking.run_name or cfg.exp, trial.number)
     trial_cfg.train.checkpoint_dir = ""  # trials keep no checkpoints: retrain the best one (see summary.md)
     validate(trial_cfg)
     return trial_cfg
@@ -308,13 +304,13 @@ def finish_trial(study: optuna.Study, trial: optuna.Trial, client, run_id: str |
 
 
 def close_child_run(client, run_id: str | None, state: TrialState, reason: str) -> None:
-    """The child run's end mirrors the trial's: FINISHED, KILLED (pruned) or FAILED, with the reason as a tag."""
+    """The child run's end mirrors the trial's: FINISHED (complete or pruned: the tag sweep.state tells), FAILED, or KILLED when interrupted."""
     if client is None or run_id is None:
         return
     client.set_tag(run_id, "sweep.state", state.name)
     if reason:
         client.set_tag(run_id, "end_reason", reason[:5000])
-    client.set_terminated(run_id, status="KILLED" if reason == INTERRUPTED else RUN_STATUS[state])
+    client.set_terminated(run_id, status="KILLED" if reason == INTERRUPTED else TRIAL_RUN_STATUS[state.name])
 
 
 # ---- the parent run ----
@@ -338,14 +334,16 @@ def open_parent_run(client, study: optuna.Study, created: bool, cfg: DictConfig,
     if client is None:
         return None
     run_id = existing_parent(client, study, created)
+    tags = parent_tags(cfg, name, url, study.pruner)
     if run_id is None:
-        parent_cfg = copy.deepcopy(cfg)
-        parent_cfg.tracking.run_name = cfg.tracking.run_name or name
-        run_id = start_run(client, parent_cfg)
+        run_id = start_run(client, cfg)
         study.set_user_attr(PARENT_RUN_ATTR, run_id)
+        params, machine_tags = params_and_tags(cfg, SWEEP_SECTIONS)  # the base config, the search space, pruner and n_trials
+        client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
+        tags.update(machine_tags)
     else:
         client.update_run(run_id, status="RUNNING")
-    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in parent_tags(cfg, name, url, study.pruner).items()])
+    client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
     client.log_text(run_id, to_yaml(cfg), "config.yaml")
     return run_id
 
@@ -431,11 +429,12 @@ def summarise(study: optuna.Study, cfg: DictConfig, name: str, url: str, client,
 
 
 def log_best(client, parent_run_id: str, best: FrozenTrial, n_trials: int) -> None:
-    """Tags, not params: the best trial changes as the study grows, and MLflow params cannot."""
+    """Tags and metrics, not params: the best trial changes as the study grows, and MLflow params cannot."""
     tags = {"best.trial_number": str(best.number), "best.run_id": best.user_attrs.get(CHILD_RUN_ATTR, "")}
     tags.update({f"best.{key}": f"{value:.6g}" for key, value in best.params.items()})
-    client.log_batch(parent_run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    client.log_metric(parent_run_id, "best/val_loss", best.value, step=n_trials)
+    values = {"best/val_loss": best.value, **{f"best/{key}": float(value) for key, value in best.params.items()}}
+    now_ms = int(time.time() * 1000)
+    client.log_batch(parent_run_id, metrics=[Metric(k, v, now_ms, n_trials) for k, v in values.items()], tags=[RunTag(k, v) for k, v in tags.items()])
 
 
 def save_plots(study: optuna.Study, folder: Path) -> list[Path]:

@@ -18,6 +18,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +32,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from research import registry
 from research.config import REPO_ROOT, flatten, resolve_path, to_yaml
 from research.errors import UserError
 from research.trainer import Hooks, RunInfo, TrainResult
@@ -44,6 +46,22 @@ METRIC_BATCH = 900  # MLflow accepts at most 1000 metrics per log_batch call
 PARAM_BATCH = 90  # ... and 100 params
 OFFLINE_RETRY_S = 30  # while a tracking server is gone, try it again this often (each try costs seconds of HTTP retries)
 OFFLINE_SPILL = 100_000  # metric values held in memory while offline; more go to the fallback file at once
+UNTRACKED_TAG_CHARS = 1000  # the git.untracked tag lists untracked files up to this length
+
+# The config sections each kind of run logs as params (what its numbers depend on). `tracking.*` is left
+# out (where and under which name a run is logged changes no number); `out_dir` is logged, as a tag.
+TRAIN_SECTIONS = ("exp", "seed", "out_dir", "data", "model", "train")
+SWEEP_SECTIONS = (*TRAIN_SECTIONS, "sweep")  # a study's parent run: the recipe and the search space
+# Keys whose value names this machine (folders, stores): tags, whatever their value. Absolute paths
+# outside the repo, URLs and a numbered device (cuda:1) anywhere in the logged sections are tags too.
+MACHINE_KEYS = frozenset({"out_dir", "data.cache_dir", "train.checkpoint_dir", "train.resume_from", "tracking.uri", "sweep.storage", "bench.out"})
+# Experiment tags: the recipe's docstring as the description; MLflow 3 opens "custom model" experiments
+# on the classic runs table rather than on its GenAI (traces) view.
+NOTE_TAG = "mlflow.note.content"
+KIND_TAGS = {"mlflow.experimentKind": "custom_model_development"}
+# How a sweep trial's MLflow run ends, by Optuna state name: a pruned trial stopped early on purpose
+# (tag sweep.state=PRUNED tells it apart), which is not a failure (KILLED shows red in the UI).
+TRIAL_RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}
 
 
 def tracking_uri(cfg: DictConfig) -> str:
@@ -84,14 +102,82 @@ def connect(uri: str) -> MlflowClient:
     return MlflowClient(tracking_uri=uri)
 
 
-def experiment_id(client: MlflowClient, name: str, artifact_location: str | None) -> str:
+def experiment_id(client: MlflowClient, name: str, artifact_location: str | None, description: str = "") -> str:
+    """The experiment's id, created when missing; a description and the classic-view kind are added where absent."""
+    wanted = {**KIND_TAGS, **({NOTE_TAG: description} if description else {})}
     found = client.get_experiment_by_name(name)
-    if found is not None:
-        return found.experiment_id
+    if found is None:
+        try:
+            return client.create_experiment(name, artifact_location=artifact_location, tags=wanted)
+        except mlflow.exceptions.MlflowException:  # created meanwhile by another process
+            found = client.get_experiment_by_name(name)
+    for key, value in wanted.items():
+        if key not in found.tags:  # never overwrite a description edited in the UI
+            client.set_experiment_tag(found.experiment_id, key, value)
+    return found.experiment_id
+
+
+def recipe_description(exp: str) -> str:
+    """The experiment recipe's docstring (experiments/<exp>.py), shown as the MLflow experiment's description."""
+    if exp not in registry.names():
+        return ""
+    return (registry.load(exp).__doc__ or "").strip()
+
+
+def unique_run_name(client: MlflowClient, exp_id: str, base: str) -> str:
+    """`base`, or `base-2`, `base-3`, ... when the experiment has that name already (one search; names compared here)."""
+    prefix = base.split("'")[0]  # quotes cannot be escaped in a filter string; the exact match is checked below
+    taken, token = set(), None
+    while True:
+        page = client.search_runs([exp_id], filter_string=f"attributes.run_name LIKE '{prefix}%'", max_results=1000, page_token=token)
+        taken.update(run.info.run_name for run in page)
+        token = page.token
+        if not token:
+            break
+    if base not in taken:
+        return base
+    suffixes = [int(name[len(base) + 1:]) for name in taken if name.startswith(base + "-") and name[len(base) + 1:].isdigit()]
+    return f"{base}-{max(suffixes, default=1) + 1}"
+
+
+def trial_run_name(parent_name: str, number: int) -> str:
+    """A sweep trial's run name under its study's parent run, e.g. lr_sweep/trial-007 (sorts by number)."""
+    return f"{parent_name}/trial-{number:03d}"
+
+
+def params_and_tags(cfg: DictConfig, sections: tuple[str, ...]) -> tuple[dict[str, str], dict[str, str]]:
+    """The config keys of `sections` split into params (same text on any machine, so Compare diffs only
+    what changes results) and tags (values that name this machine: folders, stores, device numbers)."""
+    params, tags = {}, {}
+    for key, value in flatten(cfg).items():
+        if key.split(".")[0] not in sections:
+            continue
+        text = portable_value(key, value)
+        if text is not None:
+            params[key] = text[:6000]
+        elif str(value):
+            tags[key] = mask_password(str(value))[:5000]
+    return params, tags
+
+
+def portable_value(key: str, value) -> str | None:
+    """`value` as text that reads the same on every machine (a path inside the repo made relative), or None."""
+    text = str(value)
+    if key in MACHINE_KEYS or "://" in text or (key == "train.device" and ":" in text):
+        return None
+    if text.startswith(("/", "~")):
+        path = Path(text).expanduser().resolve()
+        return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else None
+    return text
+
+
+def mask_password(text: str) -> str:
+    """A URL with its password replaced by ***, for tags (anything else unchanged)."""
     try:
-        return client.create_experiment(name, artifact_location=artifact_location)
-    except mlflow.exceptions.MlflowException:  # created meanwhile by another process
-        return client.get_experiment_by_name(name).experiment_id
+        password = urllib.parse.urlsplit(text).password
+    except ValueError:
+        return text
+    return text.replace(f":{password}@", ":***@") if password else text
 
 
 def git_info() -> dict[str, str]:
@@ -103,18 +189,29 @@ def git_info() -> dict[str, str]:
     try:
         commit = git("rev-parse", "HEAD").strip() or "none"
         diff = git("diff", "HEAD") if commit != "none" else ""
-        untracked = git("ls-files", "--others", "--exclude-standard").strip()
+        untracked = git("ls-files", "--others", "--exclude-standard", "--directory").splitlines()
     except (OSError, subprocess.SubprocessError):
-        return {"commit": "unknown", "dirty": "unknown", "diff": ""}
-    return {"commit": commit, "dirty": str(bool(diff.strip() or untracked)).lower(), "diff": diff}
+        return {"commit": "unknown", "dirty": "unknown", "diff": "", "untracked": ""}
+    return {"commit": commit, "dirty": str(bool(diff.strip())).lower(), "diff": diff, "untracked": bounded_list(untracked, UNTRACKED_TAG_CHARS)}
+
+
+def bounded_list(items: list[str], limit: int) -> str:
+    """Items joined by spaces, cut to about `limit` characters with a count of what was left out."""
+    text, shown = "", 0
+    for item in items:
+        if len(text) + len(item) + 1 > limit:
+            return f"{text} ... (+{len(items) - shown} more)".strip()
+        text, shown = f"{text} {item}".strip(), shown + 1
+    return text
 
 
 def run_tags(cfg: DictConfig) -> tuple[dict[str, str], str]:
-    """Tags every run carries, and the working-tree diff (logged as an artifact when non-empty)."""
+    """Tags every run carries, and the diff of tracked files (logged as git_diff.patch when git.dirty is true)."""
     info = git_info()
     return {
         "git.commit": info["commit"],
         "git.dirty": info["dirty"],
+        **({"git.untracked": info["untracked"]} if info["untracked"] else {}),
         "experiment": cfg.exp,
         "torch": torch.__version__,
         "transformers": transformers.__version__,
@@ -124,16 +221,19 @@ def run_tags(cfg: DictConfig) -> tuple[dict[str, str], str]:
 
 def start_run(client: MlflowClient, cfg: DictConfig, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
     """A new RUNNING run in the config's experiment (under `parent_run_id` when given); returns its id."""
-    exp_id = experiment_id(client, cfg.tracking.experiment or cfg.exp, artifact_root(cfg))
+    exp_id = experiment_id(client, cfg.tracking.experiment or cfg.exp, artifact_root(cfg), recipe_description(cfg.exp))
     all_tags = dict(tags or {})
     if parent_run_id:
         all_tags["mlflow.parentRunId"] = parent_run_id
-    return client.create_run(exp_id, run_name=cfg.tracking.run_name or None, tags=all_tags).info.run_id
+    return client.create_run(exp_id, run_name=unique_run_name(client, exp_id, cfg.tracking.run_name or cfg.exp), tags=all_tags).info.run_id
 
 
 @contextmanager
 def mlflow_run(cfg: DictConfig, parent_run_id: str | None = None, tags: dict[str, str] | None = None, run_id: str | None = None) -> Iterator[tuple[MlflowClient, str]]:
-    """Open (or reopen, with run_id) a run; end it FINISHED, FAILED or KILLED with the reason as a tag."""
+    """Open (or reopen, with run_id) a run; end it FINISHED, FAILED or KILLED with the reason as a tag.
+
+    The run is named `tracking.run_name`, else after the experiment, made unique in its MLflow experiment.
+    """
     client = connect(tracking_uri(cfg))
     if run_id is None:
         run_id = start_run(client, cfg, parent_run_id, tags)
@@ -160,9 +260,19 @@ def server_gone(err: BaseException) -> bool:
     return isinstance(err, mlflow.exceptions.MlflowException) and str(err).startswith("API request to")
 
 
+def offline_dir(cfg: DictConfig) -> Path:
+    """Where runs that lost their tracking server leave what it missed, for `python run.py sync`."""
+    return resolve_path(cfg.out_dir) / "offline"
+
+
 def offline_path(cfg: DictConfig, run_id: str) -> Path:
-    """Where a run writes what its tracking server missed: JSON lines of metrics, tags and its end status."""
-    return resolve_path(cfg.out_dir) / "offline" / f"{run_id}.jsonl"
+    """A run's fallback file: JSON lines of its header (experiment, name, params, tags), metrics, tags and end status."""
+    return offline_dir(cfg) / f"{run_id}.jsonl"
+
+
+def offline_artifacts(fallback: Path) -> Path:
+    """Beside the fallback file: the artifacts (model, samples, loss curve) the server never got."""
+    return fallback.with_suffix("")
 
 
 def append_offline(path: Path, records: list[dict]) -> None:
@@ -173,7 +283,10 @@ def append_offline(path: Path, records: list[dict]) -> None:
 
 def warn_offline(run_id: str, err: BaseException, path: Path) -> None:
     reason = str(err).splitlines()[0][:300]
-    print(f"warning: lost the MLflow tracking server during run {run_id} ({reason}); what it missed is in {path}", file=sys.stderr, flush=True)
+    out_dir = path.parent.parent
+    command = "python run.py sync" + ("" if out_dir == resolve_path("results") else f" out_dir={out_dir}")
+    print(f"warning: lost the MLflow tracking server during run {run_id} ({reason}); what it missed is in {path}; "
+          f"upload it with `{command}` once the server is back", file=sys.stderr, flush=True)
 
 
 def end_run(client: MlflowClient, run_id: str, status: str, reason: str | None, fallback: Path) -> None:
@@ -194,10 +307,11 @@ def end_run(client: MlflowClient, run_id: str, status: str, reason: str | None, 
 class MLflowHook(Hooks):
     """Logs params, per-step metrics and artifacts of one training run."""
 
-    def __init__(self, client: MlflowClient, run_id: str, log_artifacts: bool = True):
+    def __init__(self, client: MlflowClient, run_id: str, log_artifacts: bool = True, sections: tuple[str, ...] = TRAIN_SECTIONS):
         self.client = client
         self.run_id = run_id
         self.log_model_artifacts = log_artifacts
+        self.sections = sections
         self.buffer: list[Metric] = []
         self.last_flush = time.monotonic()
         self.logged_through: dict[str, int] = {}  # per metric, the last step the store already holds (a reopened run)
@@ -206,23 +320,29 @@ class MLflowHook(Hooks):
         self.retry_at = 0.0
         self.pending_tags: dict[str, str] = {}  # tags sent with the next flush of metrics
         self.fallback: Path | None = None
+        self.header: dict = {}  # the fallback file's first line: enough for `run.py sync` to recreate the run elsewhere
 
     def on_start(self, run: RunInfo) -> None:
         cfg = run.config
         self.fallback = offline_path(cfg, self.run_id)
         self.log_hf_model = cfg.tracking.get("log_hf_model", True)
         self.logged_through = last_logged_steps(self.client, self.run_id)  # a resumed run never logs a step twice
-        if not self.client.get_run(self.run_id).data.params:  # a resumed run logged these already
-            params = [Param(k, str(v)[:6000]) for k, v in flatten(cfg).items()]
-            for i in range(0, len(params), PARAM_BATCH):
-                self.client.log_batch(self.run_id, params=params[i : i + PARAM_BATCH])
+        params, tags = params_and_tags(cfg, self.sections)
+        logged = self.client.get_run(self.run_id)
+        if not logged.data.params:  # a resumed run logged these already
+            batch = [Param(k, v) for k, v in params.items()]
+            for i in range(0, len(batch), PARAM_BATCH):
+                self.client.log_batch(self.run_id, params=batch[i : i + PARAM_BATCH])
             self.client.log_text(self.run_id, to_yaml(cfg), "config.yaml")
-        tags, diff = run_tags(cfg)
+        git_tags, diff = run_tags(cfg)
+        tags.update(git_tags)
         tags.update({"data.digest": run.data_info.data_digest, "precision": run.derived["precision"], "parameters": str(run.derived["parameters"]),
                      "data.skipped_lines": str(run.data_info.skipped_lines)})
         self.client.log_batch(self.run_id, tags=[RunTag(k, v) for k, v in tags.items()])
         if diff:
             self.client.log_text(self.run_id, diff, "git_diff.patch")
+        self.header = {"run": {"experiment": self.client.get_experiment(logged.info.experiment_id).name, "run_name": logged.info.run_name,
+                               "start_time": logged.info.start_time, "params": params, "tags": {**logged.data.tags, **tags}}}
 
     def on_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
         now_ms = int(time.time() * 1000)
@@ -258,8 +378,9 @@ class MLflowHook(Hooks):
         self.lost, self.retry_at = err, time.monotonic() + OFFLINE_RETRY_S
 
     def write_fallback(self) -> None:
-        """Append what the server has not got to the fallback file, and forget it here."""
-        records = [{"metric": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in self.buffer]
+        """Append what the server has not got to the fallback file (after its header line), and forget it here."""
+        records = [] if self.fallback.exists() or not self.header else [self.header]
+        records += [{"metric": m.key, "value": m.value, "timestamp": m.timestamp, "step": m.step} for m in self.buffer]
         records += [{"tag": k, "value": v} for k, v in self.pending_tags.items()]
         append_offline(self.fallback, records)
         self.buffer.clear()
@@ -279,14 +400,18 @@ class MLflowHook(Hooks):
         self.pending_tags.update(tags)  # the server is gone: the checkpoint stays on local disk
 
     def on_end(self, result: TrainResult) -> None:
+        """Final metric and outputs; with the server gone they stay beside the fallback file for `run.py sync`."""
         self.buffer.append(Metric("final/val_loss", result.final_val_loss, int(time.time() * 1000), result.steps))
         self.pending_tags["wall_time_s"] = f"{result.wall_time_s:.1f}"
-        if self.flush(force=True):
-            try:
-                self.log_outputs(result)
-                return
-            except Exception as err:
-                self.went_offline(err)
+        with tempfile.TemporaryDirectory() as tmp:
+            write_outputs(result, Path(tmp), self.log_model_artifacts)
+            if self.flush(force=True):
+                try:
+                    self.upload_outputs(result, Path(tmp))
+                    return
+                except Exception as err:
+                    self.went_offline(err)
+            shutil.copytree(tmp, offline_artifacts(self.fallback), dirs_exist_ok=True)
         self.give_up()
 
     def close(self) -> None:
@@ -295,33 +420,38 @@ class MLflowHook(Hooks):
             self.give_up()
 
     def give_up(self) -> None:
-        """The server is gone for good: what it missed goes to the fallback file (checkpoint, samples and model stay on local disk)."""
+        """The server is gone for good: what it missed goes to the fallback file (checkpoints stay on local disk)."""
         self.write_fallback()
         warn_offline(self.run_id, self.lost, self.fallback)
 
-    def log_outputs(self, result: TrainResult) -> None:
-        """Samples, loss curve, tokenizer and model of a finished run."""
-        if result.samples:
-            text = "\n\n".join(f"### {prompt}\n{completion}" for prompt, completion in result.samples)
-            self.client.log_text(self.run_id, text, "samples.md")
-        if not self.log_model_artifacts:
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            plot = Path(tmp) / "loss_curve.png"
-            plot_loss_curve(result, plot)
-            self.client.log_artifact(self.run_id, str(plot))
-            result.tokenizer.save_pretrained(Path(tmp) / "tokenizer")
-            self.client.log_artifacts(self.run_id, str(Path(tmp) / "tokenizer"), "tokenizer")
-            result.model.save_pretrained(Path(tmp) / "model")
-            result.tokenizer.save_pretrained(Path(tmp) / "model")
-            self.client.log_artifacts(self.run_id, str(Path(tmp) / "model"), "model")
-        if self.log_hf_model:
+    def upload_outputs(self, result: TrainResult, folder: Path) -> None:
+        """The files write_outputs made, then the model in MLflow's transformers flavor."""
+        self.client.log_artifacts(self.run_id, str(folder))
+        if self.log_model_artifacts and self.log_hf_model:
             from research.export import log_llama_model
 
             try:
                 log_llama_model(self.client, self.run_id, result.model, result.tokenizer, result.steps)
             except UserError as err:  # a model Llama cannot express still finished training
                 self.client.set_tag(self.run_id, "llama_export", f"skipped: {err}"[:5000])
+
+
+def write_outputs(result: TrainResult, folder: Path, with_model: bool) -> None:
+    """A finished run's artifacts as files: samples.md, and with the model: loss_curve.png, tokenizer/, model/."""
+    if result.samples:
+        (folder / "samples.md").write_text(samples_markdown(result.samples))
+    if not with_model:
+        return
+    plot_loss_curve(result, folder / "loss_curve.png")
+    result.tokenizer.save_pretrained(folder / "tokenizer")
+    result.model.save_pretrained(folder / "model")
+    result.tokenizer.save_pretrained(folder / "model")
+
+
+def samples_markdown(samples: list[tuple[str, str]]) -> str:
+    """Each prompt as a heading and its completion in a fenced block, so the artifact viewer keeps its line breaks."""
+    fence = "````"  # longer than any fence a completion could hold
+    return "\n\n".join(f"### {prompt}\n\n{fence}text\n{completion.replace(fence, '```')}\n{fence}" for prompt, completion in samples) + "\n"
 
 
 def last_logged_steps(client: MlflowClient, run_id: str) -> dict[str, int]:
@@ -347,6 +477,7 @@ def plot_loss_curve(result: TrainResult, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(7, 4))
     train = result.curve("train/loss")
@@ -357,8 +488,10 @@ def plot_loss_curve(result: TrainResult, path: Path) -> None:
         ax.plot(*zip(*val), "o-", label="val")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
-    ax.set_yscale("log")
-    ax.grid(alpha=0.3)
+    ax.set_yscale("log")  # plain numbers on the ticks (not 8x10^0), minor ticks labelled when under a decade is shown
+    ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda value, _: f"{value:g}"))
+    ax.yaxis.set_minor_formatter(matplotlib.ticker.LogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.7)))
+    ax.grid(alpha=0.3, which="both")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=110)

@@ -285,7 +285,7 @@ def check_losing_the_server_mid_run(server, uri, db, out, tiny) -> None:
     (run_id,) = [p.stem for p in (out / "offline").glob("*.jsonl")]
     fallback = out / "offline" / f"{run_id}.jsonl"
     assert len(warnings) == 1 and warnings[0].startswith(f"warning: lost the MLflow tracking server during run {run_id} (")
-    assert warnings[0].endswith(f"; what it missed is in {fallback}")
+    assert f"; what it missed is in {fallback}; upload it with `python run.py sync out_dir={out}`" in warnings[0]
     records = [json.loads(line) for line in fallback.read_text().splitlines()]
     offline_steps = {r["step"] for r in records if r.get("metric") == "train/loss"}
     assert set(range(on_server + 1, steps + 1)) <= offline_steps  # every step the server missed, through the last one

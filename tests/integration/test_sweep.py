@@ -77,13 +77,15 @@ def test_study_logs_one_parent_and_a_child_per_trial_and_resumes_without_duplica
     parent = parents[0]
     assert study.user_attrs[PARENT_RUN_ATTR] == parent.info.run_id
     assert parent.data.tags["sweep.study_name"] == STUDY and parent.data.tags["sweep.storage"].startswith("sqlite:///")
+    assert parent.info.run_name == "lr_sweep" and parent.data.params["sweep.n_trials"] == "4" and parent.data.params["sweep.lr_max"]
+    assert not any(key.startswith(("sweep.", "bench.")) for child in sum(children.values(), []) for key in child.data.params)
     assert "log-uniform" in parent.data.tags["sweep.space.train.lr"] and parent.data.tags["sweep.pruner"].startswith("HyperbandPruner")
     for trial in trials:
         (child,) = children[trial.number]
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
         assert trial.user_attrs[CHILD_RUN_ATTR] == child.info.run_id
         assert child.data.tags["sweep.state"] == trial.state.name
-        assert child.info.status == ("FINISHED" if trial.state == TrialState.COMPLETE else "KILLED")
+        assert child.info.status == "FINISHED" and child.info.run_name == f"lr_sweep/trial-{trial.number:03d}"  # pruned: see sweep.state
         for key in ["train.lr", "train.warmup_steps", "train.min_lr_ratio"]:
             assert child.data.params[key] == str(trial.params[key])
         losses = client.get_metric_history(child.info.run_id, "train/loss")
@@ -143,7 +145,7 @@ def test_median_pruner_stops_trials_with_absurd_learning_rates(sweep_cfg):
         others = [t.intermediate_values[step] for t in complete if t.number < trial.number]
         assert min(v for s, v in trial.intermediate_values.items() if s <= step) > statistics.median(others)  # the median rule held
         (child,) = children[trial.number]
-        assert child.info.status == "KILLED" and child.data.tags["end_reason"].startswith(f"pruned at step {step}")
+        assert child.info.status == "FINISHED" and child.data.tags["end_reason"].startswith(f"pruned at step {step}")
         assert max(m.step for m in client.get_metric_history(child.info.run_id, "val/loss")) == step  # logged up to the stop
 
 
