@@ -9,6 +9,7 @@
     python run.py reproduce=<run_id>               # train a logged run again and compare the curves
     python run.py export run_id=<id> out=<dir>     # a run's model as a Llama folder (AutoModelForCausalLM)
     python run.py sample run_id=<id> prompt="..."  # generate from a run's model [temperature= top_k= max_new_tokens= seed=]
+    python run.py tokenizer data.path=<data> out=<dir>  # train a BPE tokenizer on a corpus sample [vocab_size= sample_bytes=]
     torchrun --nproc_per_node=N run.py exp=NAME    # data-parallel training (train.batch_size is per rank)
 
 Bad input prints one line and exits with status 2 (add --debug for the traceback).
@@ -20,7 +21,7 @@ import os
 import subprocess
 import sys
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenize once, in the main process
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one Rust thread per process: data.workers processes build the cache; `tokenizer` turns it on to train
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail in seconds, not minutes, when a server is gone
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")  # ... or hangs (the default waits 120 s per try)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -62,6 +63,18 @@ def open_ui(args: list[str]) -> int:
     return subprocess.call(cmd)
 
 
+def train_tokenizer_command(args: list[str]) -> int:
+    """`run.py tokenizer data.path=... out=DIR [vocab_size=6400] [sample_bytes=100000000]`: a tokenizer for your own corpus."""
+    from research.artifacts import parse_command
+    from research.data import TOKENIZER_SAMPLE_BYTES, train_tokenizer_on_corpus
+
+    options = {"out": (str, ...), "vocab_size": (int, 6400), "sample_bytes": (int, TOKENIZER_SAMPLE_BYTES)}
+    values, cfg = parse_command("tokenizer", args, options)
+    d = cfg.data
+    train_tokenizer_on_corpus(d.path, values["out"], values["vocab_size"], values["sample_bytes"], d.text_key, d.skip_bad_lines, d.workers)
+    return 0
+
+
 def main(argv: list[str]) -> int:
     from research import registry
 
@@ -70,7 +83,7 @@ def main(argv: list[str]) -> int:
         from research.reproduce import main as reproduce_main
 
         return reproduce_main(args)
-    if not args or args[0] not in ("list", "keys", "ui", "export", "sample", "--help", "-h", "help"):
+    if not args or args[0] not in ("list", "keys", "ui", "export", "sample", "tokenizer", "--help", "-h", "help"):
         exp = "baseline"
         overrides = []
         for arg in args:
@@ -95,6 +108,8 @@ def main(argv: list[str]) -> int:
         from research.sample import main as sample_main
 
         return sample_main(args[1:])
+    elif args[0] == "tokenizer":
+        return train_tokenizer_command(args[1:])
     else:
         print(usage())
     return 0

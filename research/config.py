@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -23,7 +24,7 @@ RESULTS_DIR = REPO_ROOT / "results"
 
 @dataclass
 class DataConfig:
-    path: str = "data/shakespeare.jsonl.gz"  # JSONL or JSONL.gz, one {"text": ...} per line
+    path: Any = "data/shakespeare.jsonl.gz"  # .jsonl/.jsonl.gz file, folder of them, glob, or [list, of, these]; one {"text": ...} per line
     text_key: str = "text"  # JSON field holding the document text
     tokenizer: str = "data/tokenizer"  # folder loadable by AutoTokenizer.from_pretrained
     seq_len: int = 256  # tokens per training sequence (the model sees seq_len, predicts seq_len)
@@ -31,6 +32,7 @@ class DataConfig:
     val_fraction: float = 0.05  # share of documents held out for validation (a fixed split, whatever the seed)
     skip_bad_lines: bool = False  # skip malformed JSON lines (and count them) instead of stopping
     cache_dir: str = "results/cache"  # where tokenized corpora are cached, keyed by data + tokenizer digest
+    workers: int = 0  # processes tokenizing the corpus into the cache; 0 = one per CPU core
 
 
 @dataclass
@@ -244,6 +246,9 @@ def validate(cfg: DictConfig) -> None:
         (d.seq_len <= m.max_position_embeddings,
          f"data.seq_len ({d.seq_len}) exceeds model.max_position_embeddings ({m.max_position_embeddings}); lower data.seq_len or raise the model maximum"),
         (0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}"),
+        (d.workers >= 0, f"data.workers must be >= 0 (0 = one per CPU core), got {d.workers}"),
+        (isinstance(d.path, str) or (isinstance(d.path, Sequence) and all(isinstance(p, str) for p in d.path)),
+         f"data.path must be a path, a glob or a list of them, got {d.path!r}"),
         (cfg.bench.steps > 0 and cfg.bench.warmup_steps >= 0, "bench.steps must be > 0 and bench.warmup_steps >= 0"),
         (cfg.sweep.pruner in ("hyperband", "median", "none"), f"sweep.pruner must be hyperband, median or none, got '{cfg.sweep.pruner}'"),
     ]
