@@ -114,6 +114,9 @@ class BenchConfig:
     profile: bool = True  # add a torch.profiler breakdown of one step of ours (each compile setting) to the report
     out: str = "results/bench"  # folder of the report
     machine: str = ""  # report file name (without .md); "" = the device name and thread count
+    data_mb: int = 1000  # exp=bench_data: MB of JSONL in the generated corpus
+    data_shards: int = 20  # exp=bench_data: gzip shards it is written as
+    data_reference: bool = True  # exp=bench_data: also time a one-thread tokenizer(batch) pass (as slow as a one-worker build)
 
 
 @dataclass
