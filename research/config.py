@@ -8,9 +8,9 @@ component takes only its own section (`DataConfig`, `ModelConfig`, ...).
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Sequence
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf

@@ -234,7 +234,7 @@ def sample_texts(shards: list[Path], sample_bytes: int, text_key: str = "text", 
                 break
         used += taken
     if stats.documents == 0:
-        raise UserError(no_documents_message(describe([str(s) for s in shards]), text_key, stats))
+        raise UserError(no_documents_message(shards[0] if len(shards) == 1 else describe([str(s) for s in shards]), text_key, stats))
 
 
 def total_size(shards: Iterable[Path]) -> int:

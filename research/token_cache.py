@@ -27,6 +27,8 @@ import socket
 import tempfile
 import time
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,14 +174,17 @@ def _ordered_results(pool, job: TokenizeJob, blocks, workers: int) -> Iterator[t
             yield done, encoder(*args)
         return
     pending: deque = deque()
-    for done, args in blocks:
-        pending.append((done, pool.apply_async(_encode_in_worker, (args,))))
-        if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+    try:
+        for done, args in blocks:
+            pending.append((done, pool.submit(_encode_in_worker, args)))
+            if len(pending) >= IN_FLIGHT_PER_WORKER * workers:
+                done, result = pending.popleft()
+                yield done, result.result()
+        while pending:
             done, result = pending.popleft()
-            yield done, result.get()
-    while pending:
-        done, result = pending.popleft()
-        yield done, result.get()
+            yield done, result.result()
+    except BrokenProcessPool:
+        raise UserError(f"a tokenizing worker process died (killed, or out of memory); try again, with fewer data.workers (had {workers})") from None
 
 
 def _offsets_to_npy(raw: Path, target: Path, n: int) -> None:
@@ -259,7 +264,7 @@ _ENCODER: Encoder | None = None  # a worker process's encoder, made once by _ini
 
 def _init_worker(job: TokenizeJob, parent_pid: int) -> None:
     global _ENCODER
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the pool
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it shuts the pool down
     _die_with_parent(parent_pid)
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one Rust thread per worker: the workers are the parallelism
     _ENCODER = Encoder(job)
@@ -291,8 +296,12 @@ def _worker_pool(job: TokenizeJob, workers: int):
             yield None
         return
     context = multiprocessing.get_context("fork" if "fork" in multiprocessing.get_all_start_methods() else None)
-    with context.Pool(workers, initializer=_init_worker, initargs=(job, os.getpid())) as pool:
+    pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker, initargs=(job, os.getpid()))
+    try:
+        pool.submit(os.getpid).result()  # start the workers now, before a progress bar starts its thread
         yield pool
+    finally:  # on an error or Ctrl-C: drop queued blocks, let the ones being tokenized finish (seconds)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 @contextmanager

@@ -177,6 +177,18 @@ def test_interrupted_build_leaves_nothing_trusted_and_reruns_cleanly(sig, big_co
     assert cache.n_docs == 12 * 300 and cache.doc_offsets[-1] == len(cache.tokens)
 
 
+@pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(), reason="finds the workers through Linux's /proc")
+def test_a_worker_that_dies_stops_the_build_with_one_line(big_corpus, tmp_path):
+    proc = start_build(big_corpus, tmp_path / "cache")
+    assert proc.stdout.readline().startswith("tokenizing: ")
+    workers = [int(pid) for pid in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    assert len(workers) == 2
+    os.kill(workers[0], signal.SIGKILL)  # as the out-of-memory killer would
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode != 0 and "UserError: a tokenizing worker process died" in err and "fewer data.workers" in err
+    assert not list((tmp_path / "cache").iterdir())  # its temp folder is gone, and no cache was published
+
+
 def test_build_reports_progress_and_a_summary_into_a_pipe(tmp_path, shards):
     proc = start_build(shards, tmp_path / "cache")
     out, err = proc.communicate(timeout=120)
