@@ -10,6 +10,7 @@
     python run.py reproduce=<run_id>               # train a logged run again and compare the curves [allow_data_change=true]
     python run.py export run_id=<id> out=<dir>     # a run's model as a Llama folder (AutoModelForCausalLM)
     python run.py sample run_id=<id> prompt="..."  # generate from a run's model [temperature= top_k= max_new_tokens= seed= device=]
+    python run.py tokenizer data.path=<data> out=<dir>  # train a BPE tokenizer on a corpus sample [vocab_size= sample_bytes=]
     torchrun --nproc_per_node=N run.py exp=NAME    # data-parallel training (train.batch_size is per rank)
 
 Every command takes name=value arguments: its own options (above) and config keys (tracking.uri=,
@@ -24,7 +25,7 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # we tokenize once, in the main process
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one Rust thread per process: data.workers processes build the cache; `tokenizer` turns it on to train
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail in seconds, not minutes, when a server is gone
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")  # ... or hangs (the default waits 120 s per try)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
@@ -201,9 +202,19 @@ def sync(args: list[str]) -> int:
     return 0
 
 
+def tokenizer(args: list[str]) -> int:
+    """`tokenizer data.path=... out=DIR [vocab_size=6400] [sample_bytes=...]`: a tokenizer for your own corpus."""
+    from research.data import TOKENIZER_SAMPLE_BYTES, train_tokenizer_on_corpus
+
+    options, overrides = parse("tokenizer", args, {"out": (str, REQUIRED), "vocab_size": (int, 6400), "sample_bytes": (int, TOKENIZER_SAMPLE_BYTES)})
+    d = make_config(overrides).data
+    train_tokenizer_on_corpus(d.path, options["out"], options["vocab_size"], options["sample_bytes"], d.text_key, d.skip_bad_lines, d.workers)
+    return 0
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "list": list_experiments, "help": list_experiments, "--help": list_experiments, "-h": list_experiments,
-    "keys": list_keys, "ui": ui, "sync": sync, "export": export, "sample": sample,
+    "keys": list_keys, "ui": ui, "sync": sync, "export": export, "sample": sample, "tokenizer": tokenizer,
 }
 
 

@@ -8,6 +8,7 @@ component takes only its own section (`DataConfig`, `ModelConfig`, ...).
 from __future__ import annotations
 
 import difflib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 @dataclass
 class DataConfig:
-    path: str = "data/shakespeare.jsonl.gz"  # JSONL or JSONL.gz, one {"text": ...} per line
+    path: Any = "data/shakespeare.jsonl.gz"  # .jsonl/.jsonl.gz file, folder of them, glob, or [list, of, these]; one {"text": ...} per line
     text_key: str = "text"  # JSON field holding the document text
     tokenizer: str = "data/tokenizer"  # folder loadable by AutoTokenizer.from_pretrained
     seq_len: int = 256  # tokens per training sequence (the model sees seq_len, predicts seq_len)
@@ -30,6 +31,7 @@ class DataConfig:
     val_fraction: float = 0.05  # share of documents held out for validation (a fixed split, whatever the seed)
     skip_bad_lines: bool = False  # skip malformed JSON lines (and count them) instead of stopping
     cache_dir: str = "results/cache"  # where tokenized corpora are cached, keyed by data + tokenizer digest
+    workers: int = 0  # processes tokenizing the corpus into the cache; 0 = one per CPU core
 
 
 @dataclass
@@ -116,6 +118,9 @@ class BenchConfig:
     profile: bool = True  # add a torch.profiler breakdown of one step of ours (each compile setting) to the report
     out: str = "results/bench"  # folder of the report
     machine: str = ""  # report file name (without .md); "" = the device name and thread count
+    data_mb: int = 1000  # exp=bench_data: MB of JSONL in the generated corpus
+    data_shards: int = 20  # exp=bench_data: gzip shards it is written as
+    data_reference: bool = True  # exp=bench_data: also time a one-thread tokenizer(batch) pass (as slow as a one-worker build)
 
 
 @dataclass
@@ -247,6 +252,9 @@ def validate(cfg: DictConfig) -> None:
         (d.seq_len <= m.max_position_embeddings,
          f"data.seq_len ({d.seq_len}) exceeds model.max_position_embeddings ({m.max_position_embeddings}); lower data.seq_len or raise the model maximum"),
         (0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}"),
+        (d.workers >= 0, f"data.workers must be >= 0 (0 = one per CPU core), got {d.workers}"),
+        (isinstance(d.path, str) or (isinstance(d.path, Sequence) and all(isinstance(p, str) for p in d.path)),
+         f"data.path must be a path, a glob or a list of them, got {d.path!r}"),
         (cfg.bench.steps > 0 and cfg.bench.warmup_steps >= 0, "bench.steps must be > 0 and bench.warmup_steps >= 0"),
         (cfg.sweep.pruner in ("hyperband", "median", "none"), f"sweep.pruner must be hyperband, median or none, got '{cfg.sweep.pruner}'"),
         (0 < cfg.sweep.heartbeat_s < cfg.sweep.grace_s and cfg.sweep.max_retries >= 0,

@@ -1,6 +1,6 @@
 """From a JSONL corpus to reproducible training batches.
 
-    documents (.jsonl / .jsonl.gz)  ->  token cache (memmap, built once)
+    shards (.jsonl / .jsonl.gz, see corpus.py)  ->  token cache (token_cache.py: memmap, built once, in parallel)
         ->  fixed train/val split by document  ->  Packed or Padded dataset
         ->  BatchSampler (seeded, resumable, rank-sliced) / eval_batches
 
@@ -13,15 +13,11 @@ labels are input_ids shifted by one and loss_mask is 1.0 where the loss counts.
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import itertools
-import json
 import os
-import shutil
 import tempfile
 import time
-import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -29,200 +25,15 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from research.config import resolve_path
+from research.corpus import ReadStats, resolve_shards, sample_texts
 from research.errors import UserError
-from research.tokenizer import tokenizer_digest
+from research.progress import WorkProgress, format_seconds
+from research.token_cache import TokenCache, clean_stale_temps, env_var, open_token_cache, temp_prefix
+from research.tokenizer import tokenizer_digest, tokens_per_char, train_tokenizer
 
-CACHE_FORMAT = 1  # bump when the cache layout changes, so old caches are not misread
-TOKENIZE_CHUNK = 256  # documents per tokenizer call: bounds memory while building the cache
 COPY_CHUNK = 1 << 24  # tokens per copy when writing a split's stream
 SPLIT_SEED = 0  # the validation split never depends on the training seed
-SKIP_HINT = "or set data.skip_bad_lines=true to skip such lines"
-
-
-# -----------------------------------------------------------------------------
-# reading documents
-
-
-@dataclass
-class ReadStats:
-    """What a pass over a corpus saw; filled in by iter_documents as it goes."""
-
-    documents: int = 0
-    skipped_lines: int = 0
-    first_problem: str = ""  # the error the first skipped line would have raised
-
-
-def iter_documents(path: str | Path, text_key: str = "text", skip_bad_lines: bool = False, stats: ReadStats | None = None) -> Iterator[str]:
-    """The text of each line of a .jsonl or .jsonl.gz file (gzip is told by its magic bytes).
-
-    Blank lines are ignored. A bad line (not UTF-8, not JSON, no `text_key`) stops the
-    read with a UserError naming file and line, or with skip_bad_lines is skipped and
-    counted in `stats`. The one reader of documents in the project.
-    """
-    path = resolve_path(str(path))
-    stats = ReadStats() if stats is None else stats
-    for lineno, raw in _numbered_lines(path):
-        if not raw.strip():
-            continue
-        text, problem = _parse_line(raw, lineno, path, text_key)
-        if problem:
-            if not skip_bad_lines:
-                raise UserError(problem)
-            stats.skipped_lines += 1
-            stats.first_problem = stats.first_problem or problem
-            continue
-        stats.documents += 1
-        yield text
-    if stats.documents == 0:
-        if stats.skipped_lines:
-            raise UserError(f"{path} has no usable documents: all {stats.skipped_lines} non-blank lines were bad (first: {stats.first_problem})")
-        raise UserError(f"{path} has no documents (it is empty or blank); point data.path at a JSONL file with one {{\"{text_key}\": ...}} per line")
-
-
-def _numbered_lines(path: Path) -> Iterator[tuple[int, bytes]]:
-    """(line number, raw bytes) for each line, through gzip when the file starts with its magic bytes."""
-    if not path.exists():
-        raise UserError(f"data file not found: {path}; set data.path to a .jsonl or .jsonl.gz file")
-    if not path.is_file():
-        raise UserError(f"data path is not a file: {path}; set data.path to a .jsonl or .jsonl.gz file")
-    with open(path, "rb") as f:
-        compressed = f.read(2) == b"\x1f\x8b"
-    lineno = 0
-    try:
-        with (gzip.open(path, "rb") if compressed else open(path, "rb")) as f:
-            for lineno, raw in enumerate(f, start=1):
-                yield lineno, raw
-    except (EOFError, OSError, zlib.error) as err:
-        raise UserError(f"{path} is a truncated or corrupt gzip file (failed after line {lineno}: {err}); re-create or re-download it") from None
-
-
-def _parse_line(raw: bytes, lineno: int, path: Path, text_key: str) -> tuple[str, str]:
-    """(text, "") for a good line, ("", one-line reason) for a bad one."""
-    where = f"line {lineno} of {path}"
-    try:
-        line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
-    except UnicodeDecodeError as err:
-        return "", f"{where} is not valid UTF-8 (byte 0x{raw[err.start]:02x} at column {err.start + 1}); re-encode the file as UTF-8 {SKIP_HINT}"
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as err:
-        return "", f"{where} is not valid JSON ({err.msg.removesuffix(' at')} at column {err.colno}); fix the line {SKIP_HINT}"
-    if not isinstance(record, dict):
-        return "", f"{where} is a JSON {type(record).__name__}, not an object with a '{text_key}' field; fix the line {SKIP_HINT}"
-    if text_key not in record:
-        keys = ", ".join(repr(k) for k in record) or "none"
-        return "", f"{where} has no '{text_key}' key (its keys: {keys}); set data.text_key to the field holding the text {SKIP_HINT}"
-    text = record[text_key]
-    if not isinstance(text, str):
-        return "", f"{where}: '{text_key}' is a JSON {type(text).__name__}, not a string; fix the line {SKIP_HINT}"
-    return text, ""
-
-
-def data_digest(path: str | Path) -> str:
-    """16 hex digits of sha256 over the file's bytes, read in chunks."""
-    path = resolve_path(str(path))
-    if not path.is_file():
-        raise UserError(f"data file not found: {path}; set data.path to a .jsonl or .jsonl.gz file")
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
-
-
-# -----------------------------------------------------------------------------
-# the token cache
-
-
-@dataclass
-class TokenCache:
-    """A corpus tokenized once: document d is tokens[doc_offsets[d]:doc_offsets[d+1]] = [bos] + ids + [eos]."""
-
-    folder: Path
-    tokens: np.memmap  # flat, uint16 or uint32
-    doc_offsets: np.ndarray  # int64, n_docs + 1
-    meta: dict[str, Any]
-    hit: bool  # loaded from an earlier run rather than built now
-
-    @property
-    def n_docs(self) -> int:
-        return len(self.doc_offsets) - 1
-
-    def doc_tokens(self, doc_ids: np.ndarray) -> int:
-        return int((self.doc_offsets[doc_ids + 1] - self.doc_offsets[doc_ids]).sum())
-
-
-def cache_key(data_digest_: str, tokenizer_digest_: str, text_key: str) -> str:
-    """Folder name of a cache: changes with the data bytes, the tokenizer, the text field or the format."""
-    identity = json.dumps([CACHE_FORMAT, data_digest_, tokenizer_digest_, text_key])
-    return hashlib.sha256(identity.encode("utf-8")).hexdigest()[:16]
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
-def open_token_cache(path: str | Path, tokenizer, text_key: str = "text", skip_bad_lines: bool = False, cache_dir: str | Path = "results/cache") -> TokenCache:
-    """Load the cache for (data, tokenizer, text_key), building it first if there is none."""
-    path = resolve_path(str(path))
-    digest, tok_digest = data_digest(path), tokenizer_digest(tokenizer)
-    folder = resolve_path(str(cache_dir)) / cache_key(digest, tok_digest, text_key)
-    hit = (folder / "meta.json").exists()
-    if not hit:
-        _build_cache(folder, path, tokenizer, text_key, skip_bad_lines, digest, tok_digest)
-    meta = json.loads((folder / "meta.json").read_text())
-    tokens = np.memmap(folder / "tokens.bin", dtype=meta["dtype"], mode="r")
-    doc_offsets = np.load(folder / "doc_offsets.npy")
-    if meta.get("format") != CACHE_FORMAT or len(tokens) != doc_offsets[-1] or len(doc_offsets) != meta["n_docs"] + 1:
-        raise UserError(f"token cache {folder} is inconsistent (edited or from another version); delete that folder and run again")
-    if meta["skipped_lines"] and not skip_bad_lines:
-        raise UserError(meta["first_problem"])  # the cache was built with skipping on; stay as strict as a fresh read
-    return TokenCache(folder, tokens, doc_offsets, meta, hit)
-
-
-def _build_cache(folder: Path, path: Path, tokenizer, text_key: str, skip_bad_lines: bool, digest: str, tok_digest: str) -> None:
-    """Tokenize every document into a temp folder, then rename it into place: a crash never leaves half a cache."""
-    start = time.time()
-    vocab_size = len(tokenizer)
-    dtype = token_dtype(vocab_size)
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if bos is None or eos is None:
-        raise UserError(f"the tokenizer has no {'bos' if bos is None else 'eos'} token; train one with `python -m research.tokenizer CORPUS OUT_DIR`")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{folder.name}.tmp-", dir=folder.parent))
-    tmp.chmod(0o755)  # mkdtemp makes it private; a cache is as readable as any other output
-    try:
-        stats = ReadStats()
-        texts = iter_documents(path, text_key, skip_bad_lines, stats)
-        offsets = [0]
-        with open(tmp / "tokens.bin", "wb") as out:
-            while batch := list(itertools.islice(texts, TOKENIZE_CHUNK)):
-                ids = tokenizer(batch, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-                docs = [np.asarray([bos, *doc, eos], dtype=dtype) for doc in ids]
-                out.write(np.concatenate(docs).tobytes())
-                for doc in docs:
-                    offsets.append(offsets[-1] + len(doc))
-        np.save(tmp / "doc_offsets.npy", np.asarray(offsets, dtype=np.int64))
-        meta = {
-            "format": CACHE_FORMAT, "data_path": str(path), "data_digest": digest, "tokenizer_digest": tok_digest,
-            "text_key": text_key, "vocab_size": vocab_size, "dtype": dtype.name, "bos_id": bos, "eos_id": eos,
-            "n_docs": len(offsets) - 1, "n_tokens": offsets[-1], "skipped_lines": stats.skipped_lines,
-            "first_problem": stats.first_problem, "build_seconds": round(time.time() - start, 3),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        _publish(tmp, folder)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _publish(tmp: Path, folder: Path) -> None:
-    """Rename tmp to folder; if another process got there first, keep theirs (same inputs, same content)."""
-    try:
-        os.rename(tmp, folder)
-    except OSError:
-        if not (folder / "meta.json").exists():
-            raise
+TOKENIZER_SAMPLE_BYTES = 100_000_000  # text a tokenizer is trained on by default: enough for a small vocabulary, minutes not hours
 
 
 # -----------------------------------------------------------------------------
@@ -243,7 +54,8 @@ def split_stream(cache: TokenCache, doc_ids: np.ndarray) -> np.memmap:
     doc_ids = np.asarray(doc_ids, dtype=np.int64)
     target = cache.folder / f"docs-{hashlib.sha256(doc_ids.tobytes()).hexdigest()[:16]}.bin"
     if not target.exists():
-        fd, tmp = tempfile.mkstemp(prefix=f"{target.name}.tmp-", dir=cache.folder)
+        clean_stale_temps(cache.folder)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target.name), dir=cache.folder)
         try:
             with os.fdopen(fd, "wb") as out:
                 for start, end in _runs(cache.doc_offsets, doc_ids):
@@ -360,7 +172,7 @@ class DataInfo:
 
 def build_datasets(data_cfg, tokenizer) -> tuple[PackedDataset | PaddedDataset, PackedDataset | PaddedDataset, DataInfo]:
     """(train, val, info) for a DataConfig: tokenize once (cached), split by document, pack or pad."""
-    cache = open_token_cache(data_cfg.path, tokenizer, data_cfg.text_key, data_cfg.skip_bad_lines, data_cfg.cache_dir)
+    cache = open_token_cache(data_cfg.path, tokenizer, data_cfg.text_key, data_cfg.skip_bad_lines, data_cfg.cache_dir, data_cfg.workers)
     train_ids, val_ids = split_documents(cache.n_docs, data_cfg.val_fraction)
     seq_len = data_cfg.seq_len
     if data_cfg.packing:
@@ -380,6 +192,36 @@ def build_datasets(data_cfg, tokenizer) -> tuple[PackedDataset | PaddedDataset, 
         val_items=len(val), skipped_lines=cache.meta["skipped_lines"], vocab_size=len(tokenizer),
     )
     return train, val, info
+
+
+# -----------------------------------------------------------------------------
+# a tokenizer of one's own
+
+
+def train_tokenizer_on_corpus(path: Any, out_dir: str | Path, vocab_size: int = 6400, sample_bytes: int = TOKENIZER_SAMPLE_BYTES,
+                              text_key: str = "text", skip_bad_lines: bool = False, workers: int = 0):
+    """Train the byte-level BPE on a bounded sample of a data.path spec (see corpus.sample_texts) and save it to out_dir.
+
+    The BPE trainer uses every core unless workers=1 (it parallelises itself when TOKENIZERS_PARALLELISM
+    is not false). Prints progress while reading the sample and a summary line; returns the tokenizer.
+    """
+    shards, stats, start = resolve_shards(path), ReadStats(), time.time()
+
+    def texts():
+        taken = 0
+        with WorkProgress("reading the tokenizer sample", sample_bytes, "documents") as progress:
+            for text in sample_texts(shards, sample_bytes, text_key, skip_bad_lines, stats):
+                taken += len(text.encode("utf-8"))
+                progress.update(taken, stats.documents)
+                yield text
+        print(f"sampled {taken / 1e6:,.1f} MB ({stats.documents:,} documents from {len(shards)} shard(s)); learning {vocab_size:,} tokens ...", flush=True)
+
+    with env_var("TOKENIZERS_PARALLELISM", "false" if workers == 1 else "true"):
+        tokenizer = train_tokenizer(texts(), out_dir, vocab_size)
+    ratio = tokens_per_char(tokenizer, itertools.islice(sample_texts(shards, 2_000_000, text_key, skip_bad_lines), 2000))
+    print(f"saved {out_dir}: vocab {len(tokenizer):,}, {ratio:.3f} tokens per character, trained in {format_seconds(time.time() - start)}, "
+          f"digest {tokenizer_digest(tokenizer)}; train on it with data.tokenizer={out_dir}", flush=True)
+    return tokenizer
 
 
 # -----------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from omegaconf import DictConfig
 
 from research.checkpoint import checkpoint_path, checkpoint_step, list_checkpoints
 from research.config import apply_overrides, from_yaml, make_config, resolve_path, validate
-from research.data import data_digest
+from research.corpus import data_digest, describe
 from research.errors import UserError
 from research.runner import report, run_tracked
 from research.tracking import CHECKPOINT_ARTIFACT, connect, git_info, last_logged_steps, tracking_uri
@@ -127,7 +127,7 @@ def check_data(run: Run, cfg: DictConfig, verb: str, allow_change: bool) -> None
     logged, current = run.data.tags.get("data.digest"), data_digest(cfg.data.path)
     if not logged or logged == current:
         return
-    changed = f"the data {resolve_path(cfg.data.path)} changed since run {run.info.run_id} (digest {current}, logged {logged})"
+    changed = f"the data {describe(cfg.data.path)} changed since run {run.info.run_id} (digest {current}, logged {logged})"
     if allow_change:
         warn(f"{changed}; reproducing on the new data, so the curves will differ")
     elif verb == "reproduce":

@@ -1,20 +1,18 @@
-"""Byte-level BPE tokenizer: train one on a JSONL corpus, load it, fingerprint it.
+"""Byte-level BPE tokenizer: train one on texts, load it, fingerprint it.
 
 Minimind-style: three special tokens with fixed ids 0, 1, 2 and a byte-level
 alphabet, so every string (any script, any bytes) round-trips exactly. The saved
 folder is an ordinary `transformers` tokenizer, loadable by AutoTokenizer.
+Reading a corpus is not this module's business (data.train_tokenizer_on_corpus does it):
 
-    python -m research.tokenizer data/shakespeare.jsonl.gz data/tokenizer --vocab-size 6400
+    python run.py tokenizer data.path=data/shakespeare.jsonl.gz out=data/tokenizer vocab_size=6400
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
-import sys
-import time
 from pathlib import Path
 from typing import Iterable
 
@@ -32,29 +30,18 @@ PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
 
 MODEL_MAX_LENGTH = 1_000_000_000  # no practical cap: sequence length is the data module's business
 MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)  # the byte alphabet plus the special tokens
-CREATE_HINT = "create one with `python -m research.tokenizer CORPUS OUT_DIR [--vocab-size N]`"
+CREATE_HINT = "create one with `python run.py tokenizer data.path=CORPUS out=DIR [vocab_size=6400]`"
 
 
-def train_tokenizer(
-    paths: str | Path | Iterable[str | Path],
-    out_dir: str | Path,
-    vocab_size: int = 6400,
-    text_key: str = "text",
-    skip_bad_lines: bool = False,
-) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE on the documents of `paths` and save it to `out_dir`.
+def train_tokenizer(texts: Iterable[str], out_dir: str | Path, vocab_size: int = 6400) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE on `texts` and save it to `out_dir`.
 
-    The same corpus and vocab_size always give a byte-identical tokenizer.json.
+    The same texts and vocab_size always give a byte-identical tokenizer.json.
     """
-    from research.data import iter_documents  # imported here: data imports this module for tokenizer_digest
-
-    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if isinstance(texts, (str, Path)):
+        raise TypeError("train_tokenizer takes texts, not a path; use research.data.train_tokenizer_on_corpus for a corpus")
     if vocab_size < MIN_VOCAB_SIZE:
         raise UserError(f"vocab size must be at least {MIN_VOCAB_SIZE} (256 bytes + {len(SPECIAL_TOKENS)} special tokens), got {vocab_size}")
-
-    def texts():
-        for path in paths:
-            yield from iter_documents(path, text_key=text_key, skip_bad_lines=skip_bad_lines)
 
     backend = Tokenizer(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -65,7 +52,7 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    backend.train_from_iterator(texts(), trainer=trainer)
+    backend.train_from_iterator(texts, trainer=trainer)
     for token, expected_id in zip(SPECIAL_TOKENS, (PAD_ID, BOS_ID, EOS_ID)):
         assert backend.token_to_id(token) == expected_id, f"{token} got id {backend.token_to_id(token)}"
 
@@ -121,30 +108,3 @@ def tokens_per_char(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], ch
         n_tokens += sum(len(x) for x in ids)
         n_chars += sum(len(t) for t in batch)
     return n_tokens / max(n_chars, 1)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m research.tokenizer", description="Train a byte-level BPE tokenizer on JSONL corpora.")
-    parser.add_argument("corpus", nargs="+", help="JSONL or JSONL.gz files, one {\"text\": ...} per line")
-    parser.add_argument("out_dir", help="folder to save the tokenizer to (loadable by AutoTokenizer)")
-    parser.add_argument("--vocab-size", type=int, default=6400, help="vocabulary size, special tokens included")
-    parser.add_argument("--text-key", default="text", help="JSON field holding the document text")
-    parser.add_argument("--skip-bad-lines", action="store_true", help="skip malformed lines instead of stopping")
-    args = parser.parse_args(argv)
-    from research.data import iter_documents
-
-    try:
-        start = time.time()
-        tokenizer = train_tokenizer(args.corpus, args.out_dir, args.vocab_size, args.text_key, args.skip_bad_lines)
-        seconds = time.time() - start
-        texts = (t for p in args.corpus for t in iter_documents(p, args.text_key, args.skip_bad_lines))
-        ratio = tokens_per_char(tokenizer, texts)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"saved {args.out_dir}: vocab {len(tokenizer)}, {ratio:.3f} tokens per character, trained in {seconds:.1f}s, digest {tokenizer_digest(tokenizer)}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, 
 from conftest import TINY, run_cli
 import run
 from research import registry
-from research.data import iter_documents
+from research.corpus import iter_documents
 from research.errors import UserError
 from research.export import LOGGED_MODEL_NAME
 from research.runner import run_tracked

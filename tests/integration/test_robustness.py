@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from conftest import REPO, TINY, run_cli
-from research import registry, sweep
+from research import registry
 from research.checkpoint import load_checkpoint
 from research.errors import UserError
 from research.runner import run_tracked

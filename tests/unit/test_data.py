@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from research.config import REPO_ROOT, DataConfig
-from research.data import (
-    BatchSampler, ReadStats, build_datasets, data_digest, eval_batches, iter_documents,
-    open_token_cache, split_documents,
-)
+from research.corpus import ReadStats, data_digest, iter_documents
+from research.data import BatchSampler, build_datasets, eval_batches, split_documents
+from research.token_cache import open_token_cache
 from research.errors import UserError
 from research.tokenizer import load_tokenizer, train_tokenizer
 
@@ -94,7 +93,7 @@ def test_cache_key_follows_data_tokenizer_and_text_key(cfg, tokenizer, corpus, t
     edited = write_jsonl(tmp_path / "edited.jsonl", [{"text": t} for t in texts[:-1]])
     assert data_digest(edited) != data_digest(corpus)
     _, _, other_data = build_datasets(DataConfig(**{**cfg.__dict__, "path": str(edited)}), tokenizer)
-    small = train_tokenizer(corpus, tmp_path / "tok", vocab_size=600)
+    small = train_tokenizer(iter_documents(corpus), tmp_path / "tok", vocab_size=600)
     _, _, other_tok = build_datasets(cfg, small)
     _, _, other_key = build_datasets(DataConfig(**{**cfg.__dict__, "text_key": "title", "seq_len": 2}), tokenizer)
     _, _, padded = build_datasets(DataConfig(**{**cfg.__dict__, "packing": False}), tokenizer)

@@ -1,5 +1,6 @@
 """The tokenizer trains deterministically, round-trips any text, and loads through AutoTokenizer."""
 
+import ast
 import itertools
 import json
 from pathlib import Path
@@ -8,10 +9,10 @@ import pytest
 from transformers import AutoTokenizer
 
 from research.config import REPO_ROOT
-from research.data import iter_documents
+from research.corpus import iter_documents
 from research.errors import UserError
 from research.tokenizer import (
-    BOS_ID, BOS_TOKEN, EOS_ID, EOS_TOKEN, PAD_ID, PAD_TOKEN, load_tokenizer, main, tokenizer_digest, tokens_per_char, train_tokenizer,
+    BOS_ID, BOS_TOKEN, EOS_ID, EOS_TOKEN, PAD_ID, PAD_TOKEN, load_tokenizer, tokenizer_digest, tokens_per_char, train_tokenizer,
 )
 
 SHAKESPEARE = REPO_ROOT / "data" / "shakespeare.jsonl.gz"
@@ -32,7 +33,7 @@ def shakespeare_slice(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def small_tokenizer(shakespeare_slice, tmp_path_factory):
     out = tmp_path_factory.mktemp("tok")
-    return train_tokenizer(shakespeare_slice, out, vocab_size=800), out
+    return train_tokenizer(iter_documents(shakespeare_slice), out, vocab_size=800), out
 
 
 def test_special_tokens_have_ids_0_1_2(small_tokenizer):
@@ -55,7 +56,7 @@ def test_saved_folder_loads_with_autotokenizer(small_tokenizer, shakespeare_slic
 
 
 def test_non_ascii_round_trip(tmp_path, small_tokenizer):
-    tokenizer = train_tokenizer(TANG_SONG, tmp_path, vocab_size=1200)
+    tokenizer = train_tokenizer(iter_documents(TANG_SONG), tmp_path, vocab_size=1200)
     poems = list(iter_documents(TANG_SONG))
     assert len(poems) == 408
     for poem in poems:
@@ -72,9 +73,9 @@ def test_non_ascii_round_trip(tmp_path, small_tokenizer):
 
 def test_training_is_deterministic(tmp_path, shakespeare_slice, small_tokenizer):
     _, first = small_tokenizer
-    train_tokenizer(shakespeare_slice, tmp_path / "again", vocab_size=800)
+    train_tokenizer(iter_documents(shakespeare_slice), tmp_path / "again", vocab_size=800)
     assert (tmp_path / "again" / "tokenizer.json").read_bytes() == (first / "tokenizer.json").read_bytes()
-    other = train_tokenizer(shakespeare_slice, tmp_path / "bigger", vocab_size=900)
+    other = train_tokenizer(list(iter_documents(shakespeare_slice)), tmp_path / "bigger", vocab_size=900)
     assert tokenizer_digest(other) != tokenizer_digest(first)
 
 
@@ -88,7 +89,7 @@ def test_shipped_tokenizer():
 
 
 def test_missing_or_unusable_folder_is_a_user_error(tmp_path):
-    with pytest.raises(UserError, match="python -m research.tokenizer") as err:
+    with pytest.raises(UserError, match="python run.py tokenizer") as err:
         load_tokenizer(tmp_path / "nope")
     assert "nope" in str(err.value) and "\n" not in str(err.value)
     (tmp_path / "empty").mkdir()
@@ -96,10 +97,17 @@ def test_missing_or_unusable_folder_is_a_user_error(tmp_path):
         load_tokenizer(tmp_path / "empty")
 
 
-def test_cli_and_vocab_floor(tmp_path, shakespeare_slice, capsys):
-    assert main([str(shakespeare_slice), str(tmp_path / "cli"), "--vocab-size", "500"]) == 0
-    assert "tokens per character" in capsys.readouterr().out
-    assert len(load_tokenizer(tmp_path / "cli")) == 500
+def test_vocab_floor_and_texts_not_paths(tmp_path, shakespeare_slice):
     with pytest.raises(UserError, match="at least 259"):
-        train_tokenizer(shakespeare_slice, tmp_path / "tiny", vocab_size=100)
-    assert main([str(tmp_path / "missing.jsonl"), str(tmp_path / "out")]) == 2
+        train_tokenizer(iter_documents(shakespeare_slice), tmp_path / "tiny", vocab_size=100)
+    with pytest.raises(TypeError, match="train_tokenizer_on_corpus"):
+        train_tokenizer(shakespeare_slice, tmp_path / "path", vocab_size=500)
+
+
+def test_tokenizer_module_does_not_import_data():
+    """data imports tokenizer (for its digest); the other way round would be a cycle."""
+    tree = ast.parse((REPO_ROOT / "research" / "tokenizer.py").read_text())
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    assert {"research.config", "research.errors"} <= imported
+    assert not imported & {"research.data", "research.corpus", "research.token_cache"}
