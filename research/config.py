@@ -90,7 +90,11 @@ class TrackingConfig:
 
 @dataclass
 class SweepConfig:
-    n_trials: int = 0  # total trials of the Optuna study; 0 = a single training run, no study
+    n_trials: int = 0  # trials of the search (the default's included; confirmations come on top); 0 = a single training run, no study
+    sampler: str = "tpe"  # tpe: Optuna's TPE over the bounds below | grid: every sweep.grid_lr x sweep.grid_min_lr_ratio at sweep.grid_seeds seeds
+    enqueue_default: bool = True  # the recipe's own lr, warmup and min-lr ratio are the first trial: the reference of the report
+    confirm_top_k: int = 2  # after the search, the k best configurations and the default train again at extra seeds
+    confirm_seeds: int = 2  # extra seeds (seed+1, seed+2, ...) per confirmed configuration; 0 = no confirmation, best of one seed
     study_name: str = ""  # "" = <experiment>-sweep
     storage: str = ""  # Optuna storage URL (sqlite, postgresql, mysql) or journal:PATH / PATH.journal; "" = sqlite:///<out_dir>/optuna.db
     pruner: str = "hyperband"  # hyperband | median | none
@@ -102,6 +106,9 @@ class SweepConfig:
     warmup_max: int = 100  # upper bound of train.warmup_steps
     min_lr_ratio_min: float = 0.0  # lower bound of train.min_lr_ratio
     min_lr_ratio_max: float = 1.0  # upper bound of train.min_lr_ratio
+    grid_lr: list[float] = field(default_factory=list)  # sampler=grid: the learning rates
+    grid_min_lr_ratio: list[float] = field(default_factory=list)  # sampler=grid: the min-lr ratios
+    grid_seeds: int = 1  # sampler=grid: seeds per grid point (seed, seed+1, ...)
     heartbeat_s: int = 30  # a running trial marks itself alive this often
     grace_s: int = 300  # a running trial silent this long belongs to a dead worker: it is failed and queued again
     max_retries: int = 2  # times a dead worker's trial is queued again before it stays failed

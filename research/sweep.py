@@ -22,14 +22,12 @@ from __future__ import annotations
 import copy
 import gc
 import math
-import os
-import tempfile
 import time
 import warnings
 from pathlib import Path
 
 import optuna
-from mlflow.entities import Metric, Param, RunTag
+from mlflow.entities import Param, RunTag
 from omegaconf import DictConfig
 from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
@@ -37,17 +35,19 @@ from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread
 from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
-from rich.table import Table
 
+from research import registry
 from research.config import apply_overrides, resolve_path, to_yaml, validate
 from research.errors import UserError
 from research.tracking import (
     SWEEP_SECTIONS, TRIAL_RUN_STATUS, MLflowHook, connect, mask_password, params_and_tags, start_run, tracking_uri, trial_run_name,
 )
+from research.sweep_report import CONFIRM_RANK_ATTR, SEED_ATTR, STAGE_ATTR, STEPS_ATTR, candidates, summarise
 from research.trainer import Hooks, train
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the study's MLflow parent run
-QUEUED_ATTR = "n_trials_queued"  # study user attr: how many trials have been enqueued in all (retries aside)
+QUEUED_ATTR = "n_trials_queued"  # study user attr: how many search (or grid) trials have been enqueued in all
+STARTUP_TRIALS = 5  # TPE samples at random until this many trials finished, then models the good ones
 CHILD_RUN_ATTR = "mlflow_run_id"  # trial user attr: the trial's MLflow child run
 END_REASON_ATTR = "end_reason"  # trial user attr: why a trial was pruned or failed
 HEARTBEAT_ATTR = "heartbeat"  # trial system attr on journal storages: last sign of life (unix time)
@@ -71,15 +71,15 @@ def run_sweep(cfg: DictConfig) -> optuna.Study:
         retry(study, trial)
 
     storage = open_storage(url, cfg.sweep, on_stale)  # before MLflow: a bad storage URL fails at once
-    study, created = open_study(name, storage, make_pruner(cfg), cfg.sweep.n_trials)
+    study, created = open_study(name, storage, make_pruner(cfg), cfg)
     console.print(f"[bold]study[/] {name} ({'new' if created else 'resumed'}, {cfg.sweep.n_trials} trials) in {mask_password(url)}")
     parent_run_id = open_parent_run(client, study, created, cfg, name, url)
     interrupted = True
     try:
-        while (trial := take_queued_trial(study, cfg.seed, min(cfg.sweep.heartbeat_s, 5), console)) is not None:
+        while (trial := take_queued_trial(study, cfg.seed, min(cfg.sweep.heartbeat_s, 5), console, cfg.sweep.confirm_top_k)) is not None:
             run_trial(study, trial, cfg, client, parent_run_id, console)
             gc.collect()  # the trial's model is unreachable now; free it before the next one is built
-        summarise(study, cfg, name, url, client, parent_run_id, console)
+        summarise(study, cfg, registry.build(cfg.exp), describe_space(cfg), mask_password(url), client, parent_run_id, console)
         interrupted = False
     finally:
         close_parent_run(client, parent_run_id, study, interrupted, console)
@@ -90,8 +90,16 @@ def run_sweep(cfg: DictConfig) -> optuna.Study:
 
 
 def search_space(trial: optuna.Trial, cfg: DictConfig) -> dict[str, float | int]:
-    """The trial's config overrides: peak lr (log-uniform), warmup steps and the floor of the cosine decay."""
+    """The trial's config overrides: peak lr (log-uniform), warmup steps and the floor of the cosine decay.
+
+    Warmup is in steps, and trials train at the recipe's own length, so the best trial's values are the
+    ones to use at that length; at a longer one keep the warmup steps (the README's rule). A grid keeps
+    the recipe's warmup and searches lr x min-lr ratio.
+    """
     s = cfg.sweep
+    if s.sampler == "grid":
+        return {"train.lr": trial.suggest_float("train.lr", min(s.grid_lr), max(s.grid_lr), log=True),
+                "train.min_lr_ratio": trial.suggest_float("train.min_lr_ratio", min(s.grid_min_lr_ratio), max(s.grid_min_lr_ratio))}
     return {
         "train.lr": trial.suggest_float("train.lr", s.lr_min, s.lr_max, log=True),
         "train.warmup_steps": trial.suggest_int("train.warmup_steps", s.warmup_min, min(s.warmup_max, cfg.train.max_steps)),
@@ -101,6 +109,8 @@ def search_space(trial: optuna.Trial, cfg: DictConfig) -> dict[str, float | int]
 
 def describe_space(cfg: DictConfig) -> dict[str, str]:
     s = cfg.sweep
+    if s.sampler == "grid":
+        return {"train.lr": f"grid {list(s.grid_lr)}", "train.min_lr_ratio": f"grid {list(s.grid_min_lr_ratio)}"}
     return {
         "train.lr": f"log-uniform [{s.lr_min:g}, {s.lr_max:g}]",
         "train.warmup_steps": f"int [{s.warmup_min}, {min(s.warmup_max, cfg.train.max_steps)}]",
@@ -110,6 +120,7 @@ def describe_space(cfg: DictConfig) -> dict[str, str]:
 
 def check_search_space(cfg: DictConfig) -> None:
     s = cfg.sweep
+    grid_size = len(s.grid_lr) * len(s.grid_min_lr_ratio) * s.grid_seeds
     checks = [
         (0 < s.lr_min <= s.lr_max, f"need 0 < sweep.lr_min <= sweep.lr_max, got {s.lr_min} and {s.lr_max}"),
         (0 <= s.warmup_min <= min(s.warmup_max, cfg.train.max_steps),
@@ -117,6 +128,10 @@ def check_search_space(cfg: DictConfig) -> None:
         (0 <= s.min_lr_ratio_min <= s.min_lr_ratio_max <= 1,
          f"need 0 <= sweep.min_lr_ratio_min <= sweep.min_lr_ratio_max <= 1, got {s.min_lr_ratio_min} and {s.min_lr_ratio_max}"),
         (s.prune_after_steps >= 0 and s.prune_after_trials >= 0, "sweep.prune_after_steps and sweep.prune_after_trials must be >= 0"),
+        (s.sampler in ("tpe", "grid"), f"sweep.sampler must be tpe or grid, got '{s.sampler}'"),
+        (s.confirm_top_k >= 0 and s.confirm_seeds >= 0, "sweep.confirm_top_k and sweep.confirm_seeds must be >= 0"),
+        (s.sampler != "grid" or (grid_size > 0 and s.n_trials == grid_size and min(s.grid_lr) > 0),
+         f"sweep.sampler=grid needs positive sweep.grid_lr, sweep.grid_min_lr_ratio and sweep.n_trials = their product x sweep.grid_seeds = {grid_size}"),
     ]
     for ok, message in checks:
         if not ok:
@@ -185,8 +200,30 @@ class JournalStorageWithHeartbeat(JournalStorage, BaseHeartbeat):
         return self.on_stale
 
 
-def open_study(name: str, storage, pruner, n_trials: int) -> tuple[optuna.Study, bool]:
-    """Create or load the study, and queue trials up to `n_trials` in all; (study, created here)."""
+def queue_plan(cfg: DictConfig, queued: int) -> list[tuple[dict, dict]]:
+    """(fixed params, user attrs) of the trials to enqueue when `queued` search trials already are.
+
+    A new study: the default (the recipe's own values, the report's reference), the search trials,
+    and the confirm trials that retrain the best candidates at extra seeds once the search is done.
+    A grid: every point at every seed. Raising sweep.n_trials later adds search trials only.
+    """
+    s, t = cfg.sweep, cfg.train
+    if s.sampler == "grid":
+        points = [{"train.lr": lr, "train.min_lr_ratio": ratio} for lr in s.grid_lr for ratio in s.grid_min_lr_ratio]
+        plan = [(p, {STAGE_ATTR: "grid", SEED_ATTR: cfg.seed + i}) for i in range(s.grid_seeds) for p in points]
+        return plan[queued:]
+    plan = []
+    if queued == 0 and s.enqueue_default:
+        plan.append(({"train.lr": t.lr, "train.warmup_steps": t.warmup_steps, "train.min_lr_ratio": t.min_lr_ratio}, {STAGE_ATTR: "default", SEED_ATTR: cfg.seed}))
+    plan += [({}, {STAGE_ATTR: "search", SEED_ATTR: cfg.seed})] * (s.n_trials - queued - len(plan))
+    if queued == 0 and s.confirm_seeds > 0:
+        ranks = range(int(s.enqueue_default) + s.confirm_top_k)
+        plan += [({}, {STAGE_ATTR: "confirm", CONFIRM_RANK_ATTR: r, SEED_ATTR: cfg.seed + 1 + i}) for i in range(s.confirm_seeds) for r in ranks]
+    return plan
+
+
+def open_study(name: str, storage, pruner, cfg: DictConfig) -> tuple[optuna.Study, bool]:
+    """Create or load the study, and queue its trials (`queue_plan`); (study, created here)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         try:
@@ -198,14 +235,16 @@ def open_study(name: str, storage, pruner, n_trials: int) -> tuple[optuna.Study,
         while QUEUED_ATTR not in study.user_attrs and time.monotonic() < deadline:
             time.sleep(0.2)
     queued = study.user_attrs.get(QUEUED_ATTR, 0)
-    for _ in range(n_trials - queued):
-        study.enqueue_trial({})
-    if n_trials > queued:
-        study.set_user_attr(QUEUED_ATTR, n_trials)
+    plan = queue_plan(cfg, queued)
+    for params, attrs in plan:
+        study.enqueue_trial(params, user_attrs=attrs)
+    searched = sum(attrs[STAGE_ATTR] != "confirm" for _, attrs in plan)
+    if searched or not created:
+        study.set_user_attr(QUEUED_ATTR, queued + searched)
     return study, created
 
 
-def take_queued_trial(study: optuna.Study, seed: int, poll_s: float, console: Console) -> optuna.Trial | None:
+def take_queued_trial(study: optuna.Study, seed: int, poll_s: float, console: Console, top_k: int = 0) -> optuna.Trial | None:
     """The next queued trial, now RUNNING and ours; None once no trial is queued or running anywhere.
 
     While other workers still run trials, wait for them: a dead worker's trial is failed once its heartbeat
@@ -216,13 +255,17 @@ def take_queued_trial(study: optuna.Study, seed: int, poll_s: float, console: Co
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
-        for waiting in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        trials = study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
+        searching = any(t.user_attrs.get(STAGE_ATTR) != "confirm" for t in trials)  # confirm trials wait for the whole search
+        for waiting in [t for t in trials if t.state == TrialState.WAITING and not (searching and t.user_attrs.get(STAGE_ATTR) == "confirm")]:
             try:
                 if not study._storage.set_trial_state_values(waiting._trial_id, state=TrialState.RUNNING):
                     continue  # another worker took it first
             except UpdateFinishedTrialError:
                 continue
-            study.sampler = optuna.samplers.TPESampler(seed=seed + waiting.number)  # reproducible, and distinct per worker
+            if waiting.user_attrs.get(STAGE_ATTR) == "confirm" and not assign_candidate(study, waiting, top_k):
+                continue
+            study.sampler = optuna.samplers.TPESampler(seed=seed + waiting.number, n_startup_trials=STARTUP_TRIALS)  # reproducible, distinct per worker
             return optuna.Trial(study, waiting._trial_id)
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if not running:
@@ -233,25 +276,43 @@ def take_queued_trial(study: optuna.Study, seed: int, poll_s: float, console: Co
         time.sleep(poll_s)
 
 
+def assign_candidate(study: optuna.Study, trial: FrozenTrial, top_k: int) -> bool:
+    """A confirm trial retrains the candidate of its rank (the search is over, so the ranking is final): its params become fixed.
+
+    With fewer completed configurations than ranks, the trial has nothing to retrain: it fails with that reason (False).
+    """
+    ranked = candidates(study.get_trials(deepcopy=False), top_k)
+    rank = trial.user_attrs[CONFIRM_RANK_ATTR]
+    if rank < len(ranked):
+        study._storage.set_trial_system_attr(trial._trial_id, "fixed_params", ranked[rank])
+        return True
+    study._storage.set_trial_user_attr(trial._trial_id, END_REASON_ATTR, f"no configuration of rank {rank} to confirm: too few search trials completed")
+    study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+    return False
+
+
 # ---- one trial ----
 
 
 class ReportToTrial(Hooks):
-    """Reports each validation loss to the study, and stops the run when the pruner says so."""
+    """Reports each validation loss to the study and stops a search trial when the pruner says so; counts the steps trained."""
 
     def __init__(self, trial: optuna.Trial, last_step: int):
-        self.trial = trial
-        self.last_step = last_step
+        self.trial, self.last_step, self.steps = trial, last_step, 0
+        self.prunable = trial.user_attrs.get(STAGE_ATTR, "search") == "search"  # the default, grid and confirm trials run to the end
+
+    def on_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+        self.steps = max([self.steps, *(step for step, _ in rows)])
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
         self.trial.report(metrics["val/loss"], step)
-        if step < self.last_step and self.trial.should_prune():
+        if self.prunable and step < self.last_step and self.trial.should_prune():
             raise optuna.TrialPruned(f"pruned at step {step} (val loss {metrics['val/loss']:.4f})")
 
 
 def trial_config(cfg: DictConfig, trial: optuna.Trial) -> DictConfig:
     trial_cfg = copy.deepcopy(cfg)
-    apply_overrides(trial_cfg, search_space(trial, cfg))
+    apply_overrides(trial_cfg, {**search_space(trial, cfg), "seed": trial.user_attrs.get(SEED_ATTR, cfg.seed)})
     trial_cfg.tracking.run_name = trial_run_name(cfg.tracking.run_name or cfg.exp, trial.number)
     trial_cfg.train.checkpoint_dir = ""  # trials keep no checkpoints: retrain the best one (see summary.md)
     validate(trial_cfg)
@@ -261,10 +322,12 @@ def trial_config(cfg: DictConfig, trial: optuna.Trial) -> DictConfig:
 def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: DictConfig, client, parent_run_id: str | None, console: Console) -> None:
     """Train one trial, logged as a child run while Optuna's heartbeat thread marks it alive; tell the study how it ended."""
     state, value, reason, run_id = TrialState.COMPLETE, None, "", None
+    report = ReportToTrial(trial, cfg.train.max_steps)
     try:
         trial_cfg = trial_config(cfg, trial)
-        console.rule(f"trial {trial.number}: " + "  ".join(f"{k}={v:.4g}" for k, v in trial.params.items()))
-        hooks: list[Hooks] = [ReportToTrial(trial, cfg.train.max_steps)]
+        console.rule(f"trial {trial.number} ({trial.user_attrs.get(STAGE_ATTR, 'search')}, seed {trial_cfg.seed}): "
+                     + "  ".join(f"{k}={v:.4g}" for k, v in trial.params.items()))
+        hooks: list[Hooks] = [report]
         if client is not None:
             run_id = start_run(client, trial_cfg, parent_run_id, {"sweep.study_name": study.study_name, "sweep.trial_number": str(trial.number)})
             trial.set_user_attr(CHILD_RUN_ATTR, run_id)
@@ -284,6 +347,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: DictConfig, client,
         raise
     except Exception as err:  # NaN loss, out of memory, a bad config: this trial fails, the study goes on
         state, value, reason = TrialState.FAIL, None, f"{type(err).__name__}: {err}"
+    trial.set_user_attr(STEPS_ATTR, report.steps)
     finish_trial(study, trial, client, run_id, state, value, reason)
     console.print(f"trial {trial.number}: [bold]{state.name}[/]" + (f" val loss {value:.4f}" if value is not None else "") + (f" ({reason})" if reason else ""))
 
@@ -377,87 +441,3 @@ def existing_parent(client, study: optuna.Study, created: bool) -> str | None:
     except Exception:  # logged to another tracking store: start a parent in this one
         return None
     return run_id if active else None
-
-
-# ---- the summary ----
-
-
-def summarise(study: optuna.Study, cfg: DictConfig, name: str, url: str, client, parent_run_id: str | None, console: Console) -> None:
-    """A table of all trials and the best one, printed and written to <out_dir>/<study>/summary.md with the plots."""
-    trials = study.get_trials(deepcopy=False)
-    keys = list(describe_space(cfg))
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    best = min(complete, key=lambda t: t.value) if complete else None
-    counts = ", ".join(f"{sum(t.state == s for t in trials)} {s.name.lower()}" for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING))
-
-    header = ["trial", "state", *keys, "val loss", "note"]
-    rows = [[str(t.number), t.state.name, *(f"{t.params[k]:.4g}" if k in t.params else "" for k in keys),
-             f"{t.value:.4f}" if t.value is not None else "", t.user_attrs.get(END_REASON_ATTR, "")] for t in trials]
-    table = Table(title=f"study {name}: {len(trials)} trials ({counts})")
-    for column in header:
-        table.add_column(column, overflow="fold")
-    for trial, row in zip(trials, rows):
-        table.add_row(*row, style="bold green" if trial is best else None)
-    console.print(table)
-    if best is None:
-        best_line, retrain = "no trial completed yet", ""
-    else:
-        overrides = " ".join(f"{k}={v:.6g}" for k, v in best.params.items())
-        best_line = f"best: trial {best.number}, val loss {best.value:.4f} ({overrides})"
-        retrain = f"python run.py exp={cfg.exp} sweep.n_trials=0 {overrides}"
-        console.print(f"[bold]{best_line}[/]\nretrain it: {retrain}")
-
-    out = resolve_path(cfg.out_dir) / name
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:  # written whole, then moved: other workers may write at once
-        plots = save_plots(study, Path(tmp))
-        lines = [f"# Study {name}", "", f"storage: `{mask_password(url)}`; {len(trials)} trials ({counts}); search space: "
-                 + "; ".join(f"{k} {v}" for k, v in describe_space(cfg).items()), "", best_line, ""]
-        if retrain:
-            lines += [f"retrain it: `{retrain}`", ""]
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
-        lines += [""] + [f"![{p.stem.replace('_', ' ')}]({p.name})" for p in plots]
-        (Path(tmp) / "summary.md").write_text("\n".join(lines) + "\n")
-        if client and parent_run_id:
-            client.log_artifacts(parent_run_id, tmp)
-            if best is not None:
-                log_best(client, parent_run_id, best, len(trials))
-        for path in Path(tmp).iterdir():
-            os.replace(path, out / path.name)
-    console.print(f"summary: {out / 'summary.md'}")
-
-
-def log_best(client, parent_run_id: str, best: FrozenTrial, n_trials: int) -> None:
-    """Tags and metrics, not params: the best trial changes as the study grows, and MLflow params cannot."""
-    tags = {"best.trial_number": str(best.number), "best.run_id": best.user_attrs.get(CHILD_RUN_ATTR, "")}
-    tags.update({f"best.{key}": f"{value:.6g}" for key, value in best.params.items()})
-    values = {"best/val_loss": best.value, **{f"best/{key}": float(value) for key, value in best.params.items()}}
-    now_ms = int(time.time() * 1000)
-    client.log_batch(parent_run_id, metrics=[Metric(k, v, now_ms, n_trials) for k, v in values.items()], tags=[RunTag(k, v) for k, v in tags.items()])
-
-
-def save_plots(study: optuna.Study, folder: Path) -> list[Path]:
-    """Optuna's optimization history, parameter importances and intermediate values as PNGs (those it can draw yet)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from optuna.visualization import matplotlib as optuna_plots
-
-    saved = []
-    for name, plot in [("optimization_history", optuna_plots.plot_optimization_history),
-                       ("param_importances", optuna_plots.plot_param_importances),
-                       ("intermediate_values", optuna_plots.plot_intermediate_values)]:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            try:
-                axes = plot(study)
-            except Exception:  # e.g. importances need two finished trials
-                plt.close("all")
-                continue
-        figure = axes.figure
-        figure.savefig(folder / f"{name}.png", dpi=110, bbox_inches="tight")
-        plt.close(figure)
-        saved.append(folder / f"{name}.png")
-    return saved

@@ -298,7 +298,7 @@ def check_losing_the_server_mid_run(server, uri, db, out, tiny) -> None:
 
 
 SWEEP = {**TINY, **FAST, "model.hidden_size": 32, "data.seq_len": 32, "train.eval_every": 10, "train.eval_batches": 1, "train.threads": 1,
-         "sweep.pruner": "none"}
+         "sweep.pruner": "none", "sweep.confirm_seeds": 0}
 
 
 def test_two_workers_on_sqlite_one_killed_mid_trial_the_other_finishes_the_study(store, token_cache):

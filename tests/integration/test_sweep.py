@@ -1,6 +1,7 @@
 """Optuna sweeps end to end: tiny studies in temporary storages, logged to a temporary MLflow store."""
 
 import gc
+import shlex
 import shutil
 import statistics
 import time
@@ -21,7 +22,7 @@ from research.sweep import CHILD_RUN_ATTR, END_REASON_ATTR, PARENT_RUN_ATTR, run
 from research.tracking import artifact_root, connect, experiment_id, tracking_uri
 
 STUDY = "lr_sweep-sweep"  # the default name for exp=lr_sweep
-SWEEP = {**TINY, "train.max_steps": 8, "train.eval_every": 4, "train.eval_batches": 1, "train.sample_tokens": 0,
+SWEEP = {**TINY, "train.max_steps": 8, "train.eval_every": 4, "train.eval_batches": 1, "train.sample_tokens": 0, "sweep.confirm_seeds": 0,
          "data.path": str(REPO / "tests" / "data" / "tang_song.jsonl")}  # 100k tokens: tokenized in a blink
 
 
@@ -79,7 +80,7 @@ def test_study_logs_one_parent_and_a_child_per_trial_and_resumes_without_duplica
     assert parent.data.tags["sweep.study_name"] == STUDY and parent.data.tags["sweep.storage"].startswith("sqlite:///")
     assert parent.info.run_name == "lr_sweep" and parent.data.params["sweep.n_trials"] == "4" and parent.data.params["sweep.lr_max"]
     assert not any(key.startswith(("sweep.", "bench.")) for child in sum(children.values(), []) for key in child.data.params)
-    assert "log-uniform" in parent.data.tags["sweep.space.train.lr"] and parent.data.tags["sweep.pruner"].startswith("HyperbandPruner")
+    assert "log-uniform" in parent.data.tags["sweep.space.train.lr"] and parent.data.tags["sweep.pruner"].startswith("MedianPruner")
     for trial in trials:
         (child,) = children[trial.number]
         assert child.data.tags["mlflow.parentRunId"] == parent.info.run_id
@@ -91,12 +92,13 @@ def test_study_logs_one_parent_and_a_child_per_trial_and_resumes_without_duplica
         losses = client.get_metric_history(child.info.run_id, "train/loss")
         assert sorted(m.step for m in losses) == list(range(1, max(trial.intermediate_values) + 1))
     best = study.best_trial
-    assert parent.data.tags["best.trial_number"] == str(best.number)
+    assert parent.data.tags["best.trial_numbers"] == str(best.number)
     assert parent.data.metrics["best/val_loss"] == pytest.approx(best.value)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"summary.md", "optimization_history.png", "intermediate_values.png", "config.yaml"} <= artifacts
     summary = (tmp_path / "results" / STUDY / "summary.md").read_text()
-    assert f"best: trial {best.number}" in summary and summary.count("\n| ") == 1 + 4  # header and one row per trial
+    assert f"**best**: train.lr={best.params['train.lr']:.4g}" in summary and f"\n| {best.number} | " in summary
+    assert summary.count("\n| ") == 2 + 4 + 4  # two headers, a row per configuration and one per trial
     assert (tmp_path / "results" / STUDY / "optimization_history.png").stat().st_size > 0
 
     run_ids = {r.info.run_id for r in [parent, *sum(children.values(), [])]}
@@ -150,7 +152,7 @@ def test_median_pruner_stops_trials_with_absurd_learning_rates(sweep_cfg):
 
 
 def test_a_diverging_trial_fails_and_the_study_goes_on(sweep_cfg):
-    cfg = sweep_cfg(sweep__n_trials=3, sweep__pruner="none", sweep__lr_min=1e-3, sweep__lr_max=1e9)
+    cfg = sweep_cfg(sweep__n_trials=3, sweep__pruner="none", sweep__lr_min=1e-3, sweep__lr_max=1e9, sweep__enqueue_default=False)
     trials = run_sweep(cfg).get_trials()
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert failed and any(t.state == TrialState.COMPLETE and t.number > failed[0].number for t in trials)
@@ -167,7 +169,7 @@ def test_a_dead_workers_trial_is_failed_and_queued_again(sweep_cfg, tmp_path, ki
     url = str(tmp_path / "study.journal") if kind == "journal" else f"sqlite:///{tmp_path / 'optuna.db'}"
     cfg = sweep_cfg(sweep__n_trials=2, sweep__storage=url, sweep__heartbeat_s=1, sweep__grace_s=2)
     storage = sweep.open_storage(url, cfg.sweep, on_stale=None)
-    study, _ = sweep.open_study(STUDY, storage, sweep.make_pruner(cfg), cfg.sweep.n_trials)
+    study, _ = sweep.open_study(STUDY, storage, sweep.make_pruner(cfg), cfg)
     stale = sweep.take_queued_trial(study, cfg.seed, 1, sweep.Console())  # a trial whose worker was killed, with its child run left RUNNING
     client = MlflowClient(tracking_uri(cfg))
     run_id = client.create_run(experiment_id(client, "lr_sweep", artifact_root(cfg))).info.run_id
@@ -190,3 +192,48 @@ def test_bad_bounds_and_storages_are_one_line_errors(sweep_cfg):
         run_sweep(sweep_cfg(sweep__n_trials=1, sweep__lr_min=1e-2, sweep__lr_max=1e-3))
     with pytest.raises(UserError, match="cannot open Optuna storage nosuchdb://u:\\*\\*\\*@host/x"):
         run_sweep(sweep_cfg(sweep__n_trials=1, sweep__storage="nosuchdb://u:secret@host/x"))
+
+
+def test_the_default_comes_first_confirmations_give_mean_and_sd_and_the_retrain_command_repeats_the_trial(sweep_cfg, tmp_path):
+    cfg = sweep_cfg(sweep__n_trials=3, sweep__confirm_top_k=1, sweep__confirm_seeds=1, sweep__pruner="none")
+    trials = run_sweep(cfg).get_trials()
+    default = {"train.lr": cfg.train.lr, "train.warmup_steps": cfg.train.warmup_steps, "train.min_lr_ratio": cfg.train.min_lr_ratio}
+    assert trials[0].user_attrs["stage"] == "default" and trials[0].params == pytest.approx(default)
+    confirm = [t for t in trials if t.user_attrs["stage"] == "confirm"]
+    assert len(trials) == 5 and all(t.state == TrialState.COMPLETE for t in trials)
+    assert [t.user_attrs["seed"] for t in confirm] == [cfg.seed + 1] * 2 and confirm[0].params == trials[0].params
+    searched = sorted(trials[1:3], key=lambda t: t.value)
+    assert confirm[1].params == searched[0].params  # the best searched configuration, retrained at the new seed
+
+    parents, children = runs_of(cfg)
+    (parent,) = parents
+    metrics, tags = parent.data.metrics, parent.data.tags
+    assert metrics["sweep/total_steps"] == 5 * cfg.train.max_steps and sorted(children) == [0, 1, 2, 3, 4]
+    pairs = {"default": (trials[0], confirm[0]), "best": (searched[0], confirm[1])}
+    chosen = min(pairs, key=lambda k: statistics.fmean(t.value for t in pairs[k]))
+    values = [t.value for t in pairs[chosen]]
+    assert metrics["best/val_loss"] == pytest.approx(statistics.fmean(values)) and metrics["best/val_loss_n"] == 2
+    assert metrics["best/val_loss_sd"] == pytest.approx(statistics.stdev(values))
+    assert metrics["default/val_loss"] == pytest.approx(statistics.fmean(t.value for t in pairs["default"]))
+    summary = (tmp_path / "results" / STUDY / "summary.md").read_text()
+    assert f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.3f} (n=2)" in summary and "verdict" in summary
+
+    command = shlex.split(tags["best.retrain_command"])
+    assert command[:4] == ["python", "run.py", "exp=lr_sweep", "sweep.n_trials=0"]
+    proc = run_cli(*command[2:], "tracking.experiment=retrain")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    client = MlflowClient(tracking_uri(cfg))
+    (run,) = client.search_runs([client.get_experiment_by_name("retrain").experiment_id])
+    best_first_seed = pairs[chosen][0]
+    assert {k: float(v) for k, v in run.data.params.items() if k in default} == pytest.approx(best_first_seed.params)
+    assert run.data.metrics["final/val_loss"] == pytest.approx(best_first_seed.value, abs=1e-5)  # the same training as the trial
+
+
+def test_a_grid_runs_every_point_at_every_seed(sweep_cfg):
+    cfg = sweep_cfg(sweep__sampler="grid", sweep__grid_lr=[1e-3, 3e-3], sweep__grid_min_lr_ratio=[0.1], sweep__grid_seeds=2,
+                    sweep__n_trials=4, sweep__pruner="none", sweep__enqueue_default=False)
+    trials = run_sweep(cfg).get_trials()
+    assert sorted((t.params["train.lr"], t.user_attrs["seed"]) for t in trials) == [(1e-3, 1337), (1e-3, 1338), (3e-3, 1337), (3e-3, 1338)]
+    assert all(t.state == TrialState.COMPLETE and t.params["train.min_lr_ratio"] == 0.1 for t in trials)
+    with pytest.raises(UserError, match="sweep.sampler=grid needs"):
+        run_sweep(sweep_cfg(sweep__sampler="grid", sweep__grid_lr=[1e-3], sweep__grid_min_lr_ratio=[0.1], sweep__n_trials=3))
