@@ -95,3 +95,8 @@ def rank_zero_first(env: DistEnv):
 def launched_rank() -> int:
     """This process's rank as torchrun set it, before any process group exists."""
     return int(os.environ.get("RANK", "0"))
+
+
+def launched_world_size() -> int:
+    """How many processes torchrun started for this job (1 without torchrun), before any process group exists."""
+    return int(os.environ.get("WORLD_SIZE", "1"))

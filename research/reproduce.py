@@ -25,12 +25,13 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
+from research import distributed
 from research.checkpoint import checkpoint_path, checkpoint_step, list_checkpoints
 from research.config import apply_overrides, from_yaml, make_config, resolve_path, validate
 from research.corpus import data_digest, describe
 from research.errors import UserError
 from research.runner import report, run_tracked
-from research.tracking import CHECKPOINT_ARTIFACT, connect, git_info, last_logged_steps, tracking_uri
+from research.tracking import CHECKPOINT_ARTIFACT, TOKENS_PER_STEP, WORLD_SIZE, connect, git_info, last_logged_steps, tracking_uri
 from research.trainer import TrainResult
 
 # The overrides a resume or a reproduction accepts. Location and bookkeeping keys say where
@@ -55,6 +56,7 @@ def resume(run_id: str, overrides: dict[str, str] | None = None) -> int:
         return 0
     check_data(run, cfg, "resume", allow_change=False)
     warn_about_differences(run, allowed)
+    keep_tokens_per_step(client, run, cfg)
     folder = resolve_path(cfg.train.checkpoint_dir) if cfg.train.checkpoint_dir else None
     if folder is None or not folder.is_dir():  # another machine: its own results folder
         folder = resolve_path(cfg.out_dir) / "checkpoints" / run_id
@@ -146,6 +148,30 @@ def warn_about_differences(run: Run, overrides: dict[str, str]) -> None:
     for key in HARDWARE_KEYS:
         if key in overrides:
             warn(f"{key}={overrides[key]} may change the low-order bits of every step compared with the logged run")
+
+
+def keep_tokens_per_step(client: MlflowClient, run: Run, cfg: DictConfig) -> None:
+    """On another number of ranks, scale train.grad_accum so that each step takes the run's logged tokens per step; refuse when no
+    whole number does. The sampler's position counts sequences of the whole step, so the same sequences follow (an epoch's
+    incomplete tail is cut per micro-batch, so after an epoch boundary the order can shift by a few sequences)."""
+    ranks = distributed.launched_world_size()
+    per_accum = cfg.train.batch_size * cfg.data.seq_len * ranks
+    logged = run.data.params.get(TOKENS_PER_STEP)
+    if logged is None:
+        warn(f"run {run.info.run_id} logged no {TOKENS_PER_STEP}; resuming on {ranks} rank(s) with train.grad_accum={cfg.train.grad_accum} "
+             f"({per_accum * cfg.train.grad_accum:,} tokens per step), as if it had trained on as many")
+        return
+    logged, was = int(logged), run.data.tags.get(WORLD_SIZE, "?")
+    if logged == per_accum * cfg.train.grad_accum:
+        return
+    if logged % per_accum:
+        raise UserError(f"run {run.info.run_id} took {logged:,} tokens per step on {was} rank(s), which no train.grad_accum gives on {ranks} "
+                        f"(train.batch_size x data.seq_len x ranks = {per_accum:,}); resume it on {was} rank(s)")
+    before, cfg.train.grad_accum = cfg.train.grad_accum, logged // per_accum
+    if distributed.launched_rank() == 0:
+        print(f"run {run.info.run_id} trained on {was} rank(s); on {ranks} it keeps its {logged:,} tokens per step with "
+              f"train.grad_accum={cfg.train.grad_accum} (was {before})", flush=True)
+        client.set_tag(run.info.run_id, "resume.train.grad_accum", str(cfg.train.grad_accum))
 
 
 def resume_point(client: MlflowClient, run: Run, folder: Path) -> Path | None:

@@ -36,11 +36,12 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
-from research import registry
+from research import distributed, registry
 from research.config import apply_overrides, resolve_path, to_yaml, validate
+from research.database import mask_password, open_store
 from research.errors import UserError
 from research.tracking import (
-    SWEEP_SECTIONS, TRIAL_RUN_STATUS, MLflowHook, connect, mask_password, params_and_tags, start_run, tracking_uri, trial_run_name,
+    SWEEP_SECTIONS, TRIAL_RUN_STATUS, MLflowHook, connect, params_and_tags, start_run, tracking_uri, trial_run_name,
 )
 from research.sweep_report import CONFIRM_RANK_ATTR, SEED_ATTR, STAGE_ATTR, STEPS_ATTR, candidates, summarise
 from research.trainer import Hooks, train
@@ -57,6 +58,7 @@ INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM: the trial counts as failed, it
 
 def run_sweep(cfg: DictConfig) -> optuna.Study:
     """Run queued trials until none is left, then summarise the study."""
+    refuse_torchrun()
     check_search_space(cfg)
     console = Console()
     name = cfg.sweep.study_name or f"{cfg.exp}-sweep"
@@ -84,6 +86,14 @@ def run_sweep(cfg: DictConfig) -> optuna.Study:
     finally:
         close_parent_run(client, parent_run_id, study, interrupted, console)
     return study
+
+
+def refuse_torchrun() -> None:
+    """A trial is one process's training run: under torchrun each rank would take a trial of its own while DDP trains one model."""
+    if (ranks := distributed.launched_world_size()) > 1:
+        raise UserError(f"a sweep cannot run under torchrun ({ranks} ranks): each rank would take its own trial while they all train one model; "
+                        "start the same command as several single-process workers instead (one per GPU, e.g. CUDA_VISIBLE_DEVICES=0 python run.py ..., "
+                        "all on one sweep.storage), or retrain one configuration under torchrun with sweep.n_trials=0")
 
 
 # ---- search space ----
@@ -165,17 +175,16 @@ def journal_path(url: str) -> Path | None:
 def open_storage(url: str, sweep_cfg, on_stale) -> RDBStorage | JournalStorage:
     """A journal file, or any SQLAlchemy URL (SQLite, PostgreSQL, MySQL), with heartbeats so dead workers' trials get failed."""
     heartbeat = {"heartbeat_interval": sweep_cfg.heartbeat_s, "grace_period": sweep_cfg.grace_s, "heartbeat_stale_trial_callback": on_stale}
-    try:
+
+    def storage() -> RDBStorage | JournalStorage:
         if (path := journal_path(url)) is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             return JournalStorageWithHeartbeat(JournalFileBackend(str(path)), **heartbeat)
-        if url.startswith("sqlite:///"):
-            Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
             return RDBStorage(url, **heartbeat)
-    except Exception as err:  # bad URL, missing driver, unreachable server: one line, not a SQLAlchemy traceback
-        raise UserError(f"cannot open Optuna storage {mask_password(url)} ({str(err).splitlines()[0]}); fix sweep.storage") from None
+
+    return open_store(url, storage, "Optuna storage", "fix sweep.storage (is the server up, the database created, the driver installed?)")
 
 
 class JournalStorageWithHeartbeat(JournalStorage, BaseHeartbeat):

@@ -8,7 +8,6 @@ anywhere else. We use `MlflowClient` with explicit run ids (no fluent global
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -32,8 +31,9 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from research import registry
+from research import distributed, registry
 from research.config import REPO_ROOT, flatten, resolve_path, to_yaml
+from research.database import mask_password, open_store
 from research.errors import UserError
 from research.trainer import Hooks, RunInfo, TrainResult
 
@@ -55,6 +55,8 @@ SWEEP_SECTIONS = (*TRAIN_SECTIONS, "sweep")  # a study's parent run: the recipe 
 # Keys whose value names this machine (folders, stores): tags, whatever their value. Absolute paths
 # outside the repo, URLs and a numbered device (cuda:1) anywhere in the logged sections are tags too.
 MACHINE_KEYS = frozenset({"out_dir", "data.cache_dir", "train.checkpoint_dir", "train.resume_from", "tracking.uri", "sweep.storage", "bench.out"})
+TOKENS_PER_STEP = "tokens_per_step"  # param: train.batch_size x data.seq_len x train.grad_accum x ranks, kept by a resume on other ranks
+WORLD_SIZE = "world_size"  # tag: the ranks of the run's latest start (a machine fact)
 # Experiment tags: the recipe's docstring as the description; MLflow 3 opens "custom model" experiments
 # on the classic runs table rather than on its GenAI (traces) view.
 NOTE_TAG = "mlflow.note.content"
@@ -73,11 +75,14 @@ def tracking_uri(cfg: DictConfig) -> str:
 
 
 def artifact_root(cfg: DictConfig) -> str | None:
-    """Artifacts of the default SQLite store live under results/mlartifacts (None: the server decides)."""
+    """Artifacts of a SQLite store live beside it (results/mlartifacts), those of another database under <out_dir>/mlartifacts
+    (MLflow would pick ./mlruns in whatever folder the command ran from); a tracking server decides for itself (None)."""
     uri = tracking_uri(cfg)
     if uri.startswith("sqlite:///"):
         return (Path(uri[len("sqlite:///"):]).parent / "mlartifacts").as_uri()
-    return None
+    if uri.startswith(("http://", "https://", "databricks")):
+        return None
+    return (resolve_path(cfg.out_dir) / "mlartifacts").as_uri()
 
 
 def connect(uri: str) -> MlflowClient:
@@ -96,10 +101,8 @@ def connect(uri: str) -> MlflowClient:
             raise UserError(f"cannot create the MLflow store folder {db.parent} ({err.strerror}); point tracking.uri elsewhere") from None
         if not os.access(db.parent, os.W_OK) or (db.exists() and not os.access(db, os.W_OK)):
             raise UserError(f"MLflow store {db} is not writable; fix its permissions or set tracking.uri / MLFLOW_TRACKING_URI to a writable store")
-        with open(db.with_name(db.name + ".lock"), "a") as lock:  # processes creating one fresh store at once race in its migrations
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            return MlflowClient(tracking_uri=uri)
-    return MlflowClient(tracking_uri=uri)
+    return open_store(uri, lambda: MlflowClient(tracking_uri=uri), "the MLflow tracking store",  # creates the tables on first use
+                      "fix tracking.uri or MLFLOW_TRACKING_URI (is the server up, the driver installed?), or set tracking.enabled=false")
 
 
 def experiment_id(client: MlflowClient, name: str, artifact_location: str | None, description: str = "") -> str:
@@ -169,15 +172,6 @@ def portable_value(key: str, value) -> str | None:
         path = Path(text).expanduser().resolve()
         return str(path.relative_to(REPO_ROOT)) if path.is_relative_to(REPO_ROOT) else None
     return text
-
-
-def mask_password(text: str) -> str:
-    """A URL with its password replaced by ***, for tags (anything else unchanged)."""
-    try:
-        password = urllib.parse.urlsplit(text).password
-    except ValueError:
-        return text
-    return text.replace(f":{password}@", ":***@") if password else text
 
 
 def git_info() -> dict[str, str]:
@@ -328,6 +322,8 @@ class MLflowHook(Hooks):
         self.log_hf_model = cfg.tracking.get("log_hf_model", True)
         self.logged_through = last_logged_steps(self.client, self.run_id)  # a resumed run never logs a step twice
         params, tags = params_and_tags(cfg, self.sections)
+        params[TOKENS_PER_STEP] = str(run.derived["tokens per step"])  # the global batch changes results; how many ranks took it does not
+        tags[WORLD_SIZE] = str(distributed.launched_world_size())
         logged = self.client.get_run(self.run_id)
         if not logged.data.params:  # a resumed run logged these already
             batch = [Param(k, v) for k, v in params.items()]

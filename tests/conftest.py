@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -65,3 +68,68 @@ def assert_one_line_error(proc, *fragments):
     assert len(lines) == 1, proc.stderr
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
+
+
+# ---- a throwaway PostgreSQL server ----
+
+REQUIRE_POSTGRES = "MINILM_REQUIRE_POSTGRES"  # set (as .ci/run does) to fail, not skip, when PostgreSQL is not installed
+PG_USER, PG_PASSWORD = "lab", "s3cret-pw"
+
+
+def postgres_bin() -> Path | None:
+    """The folder of initdb and pg_ctl: on PATH, else Debian's /usr/lib/postgresql/<version>/bin (newest)."""
+    if shutil.which("initdb") and shutil.which("pg_ctl"):
+        return Path(shutil.which("initdb")).parent
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name) if p.parent.parent.name.isdigit() else 0)
+    return found[-1].parent if found else None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def postgres():
+    """A PostgreSQL server of its own (initdb into a temporary folder, password auth, a free port on 127.0.0.1), stopped at the end.
+
+    Yields a function that creates a fresh database and returns its `postgresql://` URL. PostgreSQL refuses to
+    run as root, so under root the server runs as the `postgres` user the Debian package creates.
+    """
+    bin_dir = postgres_bin()
+    if bin_dir is None:
+        message = "PostgreSQL is not installed (no initdb/pg_ctl on PATH or under /usr/lib/postgresql); apt-get install postgresql"
+        pytest.fail(message) if os.environ.get(REQUIRE_POSTGRES) else pytest.skip(message)
+    folder = Path(tempfile.mkdtemp(prefix="minilm-pg-"))
+    (folder / "pw").write_text(PG_PASSWORD)
+    as_user = []
+    if os.geteuid() == 0:
+        for path in (folder, folder / "pw"):
+            shutil.chown(path, "postgres")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    port, data = free_port(), folder / "data"
+
+    def pg(tool: str, *args: str) -> None:
+        subprocess.run([*as_user, str(bin_dir / tool), *args], check=True, capture_output=True, timeout=120)
+
+    pg("initdb", "-D", str(data), "-U", PG_USER, "--pwfile", str(folder / "pw"), "--auth=scram-sha-256", "--no-sync", "-E", "UTF8")
+    pg("pg_ctl", "-D", str(data), "-l", str(folder / "log"), "-w", "-t", "60", "start",
+       "-o", f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200")
+    base = f"postgresql://{PG_USER}:{PG_PASSWORD}@127.0.0.1:{port}"
+    names = iter(range(1, 10_000))
+
+    def create_database(prefix: str = "db") -> str:
+        import psycopg
+
+        name = f"{prefix}_{next(names)}"
+        with psycopg.connect(f"{base}/postgres", autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{name}"')
+        return f"{base}/{name}"
+
+    create_database.port = port
+    try:
+        yield create_database
+    finally:
+        pg("pg_ctl", "-D", str(data), "-m", "immediate", "stop")
+        shutil.rmtree(folder, ignore_errors=True)

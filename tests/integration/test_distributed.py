@@ -1,14 +1,18 @@
 """Data-parallel training through the real torchrun CLI: 2 CPU ranks (gloo) against one process, same global batch."""
 
 import math
+import shutil
 import subprocess
 import sys
 
+import torch
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, TINY
-from research.checkpoint import list_checkpoints
+from conftest import REPO, TINY, run_cli
+from research.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 from research.trainer import train
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(REPO / "run.py")]
 
 
 def test_two_ranks_match_one_process_with_the_same_global_batch(tiny_cfg, tmp_path, token_cache):
@@ -18,8 +22,7 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tiny_cfg, tmp_pa
         **TINY, "out_dir": str(tmp_path / "results"), "data.cache_dir": token_cache, "tracking.uri": uri,
         "train.batch_size": per_rank, "train.threads": 1, "train.sample_tokens": 0, "tracking.log_hf_model": False,
     }
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(REPO / "run.py")]
-    proc = subprocess.run(torchrun + [f"{k}={v}" for k, v in settings.items()], cwd=REPO, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(TORCHRUN + [f"{k}={v}" for k, v in settings.items()], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert proc.stdout.count("done in") == 1  # one report, from rank 0
 
@@ -42,3 +45,40 @@ def test_two_ranks_match_one_process_with_the_same_global_batch(tiny_cfg, tmp_pa
 
     checkpoints = list_checkpoints(tmp_path / "results" / "checkpoints" / run_id)  # rank 0 chose the folder from its run id
     assert [p.name for p in checkpoints] == [f"step_{TINY['train.max_steps']:08d}.pt"]
+
+
+def test_a_sweep_under_torchrun_is_refused_in_one_line(tmp_path, token_cache):
+    proc = subprocess.run(TORCHRUN + ["exp=lr_sweep", "sweep.n_trials=2", f"out_dir={tmp_path / 'results'}", f"data.cache_dir={token_cache}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 2 and "cannot run under torchrun (2 ranks)" in errors[0] and "single-process workers" in errors[0]  # one per rank
+    assert not (tmp_path / "results" / "optuna.db").exists()  # refused before any study or trial was opened
+
+
+def test_a_two_rank_run_resumed_in_one_process_keeps_its_tokens_per_step(tmp_path, token_cache):
+    uri, out_dir = f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "results"
+    settings = {**TINY, "out_dir": str(out_dir), "data.cache_dir": token_cache, "tracking.uri": uri, "train.batch_size": TINY["train.batch_size"] // 2,
+                "train.threads": 1, "train.sample_tokens": 0, "tracking.log_hf_model": False, "train.checkpoint_every": 4}
+    proc = subprocess.run(TORCHRUN + [f"{k}={v}" for k, v in settings.items()], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    client = MlflowClient(uri)
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    tokens_per_step = TINY["train.batch_size"] * TINY["data.seq_len"]
+    assert run.data.params["tokens_per_step"] == str(tokens_per_step) and run.data.tags["world_size"] == "2"
+
+    # as if the 2-rank job had been killed after step 8: its last checkpoint moved aside, the run left unfinished
+    folder = out_dir / "checkpoints" / run.info.run_id
+    final = checkpoint_path(folder, TINY["train.max_steps"])
+    shutil.move(final, tmp_path / "two_ranks_final.pt")
+    client.set_terminated(run.info.run_id, status="KILLED")
+
+    proc = run_cli(f"resume={run.info.run_id}", f"tracking.uri={uri}", f"out_dir={out_dir}", f"data.cache_dir={token_cache}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"trained on 2 rank(s); on 1 it keeps its {tokens_per_step:,} tokens per step with train.grad_accum=2 (was 1)" in proc.stdout
+    resumed, original = load_checkpoint(final)["state"], load_checkpoint(tmp_path / "two_ranks_final.pt")["state"]
+    assert resumed["tokens_seen"] == original["tokens_seen"] and resumed["data"] == original["data"]  # same batches, same sampler position
+    for name, weight in original["model"].items():
+        assert torch.allclose(resumed["model"][name], weight, atol=1e-5), name  # DDP's all-reduce vs local accumulation: summation order only
+    run = client.get_run(run.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "1" and run.data.tags["resume.train.grad_accum"] == "2"
