@@ -19,10 +19,14 @@ the heartbeat thread of a running trial, failing the trials of dead workers
 
 from __future__ import annotations
 
+import base64
 import copy
 import gc
+import html
 import math
 import os
+import re
+import shutil
 import tempfile
 import time
 import warnings
@@ -42,7 +46,8 @@ from rich.table import Table
 from research.config import apply_overrides, resolve_path, to_yaml, validate
 from research.errors import UserError
 from research.tracking import (
-    SWEEP_SECTIONS, TRIAL_RUN_STATUS, MLflowHook, connect, mask_password, params_and_tags, start_run, tracking_uri, trial_run_name,
+    SWEEP_SECTIONS, TRIAL_RUN_STATUS, MLflowHook, connect, mask_password, params_and_tags, portable_value, start_run, tracking_uri,
+    trial_run_name,
 )
 from research.trainer import Hooks, train
 
@@ -383,7 +388,7 @@ def existing_parent(client, study: optuna.Study, created: bool) -> str | None:
 
 
 def summarise(study: optuna.Study, cfg: DictConfig, name: str, url: str, client, parent_run_id: str | None, console: Console) -> None:
-    """A table of all trials and the best one, printed and written to <out_dir>/<study>/summary.md with the plots."""
+    """A table of all trials and the best one: printed, logged to the parent run and written to the study's report folders."""
     trials = study.get_trials(deepcopy=False)
     keys = list(describe_space(cfg))
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
@@ -399,33 +404,94 @@ def summarise(study: optuna.Study, cfg: DictConfig, name: str, url: str, client,
     for trial, row in zip(trials, rows):
         table.add_row(*row, style="bold green" if trial is best else None)
     console.print(table)
+    paragraphs = [f"storage: `{shown_storage(url)}`; {len(trials)} trials ({counts}); search space: "
+                  + "; ".join(f"{k} {v}" for k, v in describe_space(cfg).items())]
     if best is None:
-        best_line, retrain = "no trial completed yet", ""
+        paragraphs.append("no trial completed yet")
     else:
         overrides = " ".join(f"{k}={v:.6g}" for k, v in best.params.items())
-        best_line = f"best: trial {best.number}, val loss {best.value:.4f} ({overrides})"
         retrain = f"python run.py exp={cfg.exp} sweep.n_trials=0 {overrides}"
-        console.print(f"[bold]{best_line}[/]\nretrain it: {retrain}")
+        paragraphs += [f"best: trial {best.number}, val loss {best.value:.4f} ({overrides})", f"retrain it: `{retrain}`"]
+        console.print(f"[bold]{paragraphs[1]}[/]\nretrain it: {retrain}")
 
-    out = resolve_path(cfg.out_dir) / name
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:  # written whole, then moved: other workers may write at once
+    folders = report_folders(cfg, name)
+    folders[0].mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folders[0]) as tmp:  # written whole, then copied: other workers may write at once
         plots = save_plots(study, Path(tmp))
-        lines = [f"# Study {name}", "", f"storage: `{mask_password(url)}`; {len(trials)} trials ({counts}); search space: "
-                 + "; ".join(f"{k} {v}" for k, v in describe_space(cfg).items()), "", best_line, ""]
-        if retrain:
-            lines += [f"retrain it: `{retrain}`", ""]
-        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
-        lines += [""] + [f"![{p.stem.replace('_', ' ')}]({p.name})" for p in plots]
-        (Path(tmp) / "summary.md").write_text("\n".join(lines) + "\n")
+        best_row = trials.index(best) if best is not None else None
+        (Path(tmp) / "summary.md").write_text(report_markdown(f"Study {name}", paragraphs, header, rows, plots))
+        (Path(tmp) / "summary.html").write_text(report_html(f"Study {name}", paragraphs, header, rows, best_row, plots))
         if client and parent_run_id:
             client.log_artifacts(parent_run_id, tmp)
             if best is not None:
                 log_best(client, parent_run_id, best, len(trials))
-        for path in Path(tmp).iterdir():
-            os.replace(path, out / path.name)
-    console.print(f"summary: {out / 'summary.md'}")
+        for folder in folders:
+            publish(Path(tmp), folder)
+    console.print("summary: " + ", ".join(str(folder / "summary.md") for folder in folders))
+
+
+def report_folders(cfg: DictConfig, name: str) -> list[Path]:
+    """The study's own report folder, <out_dir>/sweeps/<study>/, and `sweep.report_dir` when set (e.g. a committed copy under results/)."""
+    folders = [resolve_path(cfg.out_dir) / "sweeps" / name]
+    if cfg.sweep.report_dir:
+        folders.append(resolve_path(cfg.sweep.report_dir))
+    return folders
+
+
+def shown_storage(url: str) -> str:
+    """The storage URL as a report shows it: a file inside the repository relative to it, a password masked."""
+    prefix = next((p for p in ("sqlite:///", "journal:") if url.startswith(p)), "")
+    if prefix or journal_path(url):
+        local = portable_value("sweep.report.storage_file", url[len(prefix):])
+        if local is not None:
+            return prefix + local
+    return mask_password(url)
+
+
+def report_markdown(title: str, paragraphs: list[str], header: list[str], rows: list[list[str]], plots: list[Path]) -> str:
+    lines = [f"# {title}", ""] + [line for text in paragraphs for line in (text, "")]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows]
+    lines += [""] + [f"![{p.stem.replace('_', ' ')}]({p.name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+REPORT_STYLE = """body { font: 14px system-ui, sans-serif; margin: 16px; color: #1f2328; }
+table { border-collapse: collapse; font-size: 13px; margin: 12px 0; }
+th, td { border: 1px solid #d0d7de; padding: 3px 8px; text-align: right; }
+th { background: #f6f8fa; } td:nth-child(2), td:last-child { text-align: left; }
+tr.best { background: #dafbe1; font-weight: 600; }
+code { background: #f6f8fa; padding: 1px 4px; border-radius: 3px; }
+figure { margin: 16px 0; } img { max-width: 100%; }"""
+
+
+def report_html(title: str, paragraphs: list[str], header: list[str], rows: list[list[str]], best_row: int | None, plots: list[Path]) -> str:
+    """The summary as one self-contained page (plots embedded as data URIs): MLflow's artifact viewer renders it, images included."""
+
+    def text(value: str) -> str:
+        return re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(value))
+
+    parts = [f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title><style>\n{REPORT_STYLE}\n</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>", *(f"<p>{text(p)}</p>" for p in paragraphs),
+             "<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in header) + "</tr></thead><tbody>"]
+    opening = {best_row: '<tr class="best">'}
+    parts += [opening.get(i, "<tr>") + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for i, row in enumerate(rows)]
+    parts.append("</tbody></table>")
+    for plot in plots:
+        data = base64.b64encode(plot.read_bytes()).decode("ascii")
+        caption = html.escape(plot.stem.replace("_", " "))
+        parts.append(f"<figure><img src=\"data:image/png;base64,{data}\" alt=\"{caption}\"><figcaption>{caption}</figcaption></figure>")
+    return "\n".join(parts + ["</body></html>"]) + "\n"
+
+
+def publish(source: Path, folder: Path) -> None:
+    """Copy the report's files into `folder`, each written whole and then renamed into place."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        fd, partial = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.")
+        os.close(fd)
+        shutil.copyfile(path, partial)
+        os.replace(partial, folder / path.name)
 
 
 def log_best(client, parent_run_id: str, best: FrozenTrial, n_trials: int) -> None:

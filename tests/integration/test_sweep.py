@@ -65,7 +65,7 @@ def live_models() -> int:
 
 def test_study_logs_one_parent_and_a_child_per_trial_and_resumes_without_duplicates(sweep_cfg, tmp_path):
     models_before = live_models()
-    cfg = sweep_cfg(sweep__n_trials=4)
+    cfg = sweep_cfg(sweep__n_trials=4, sweep__report_dir=str(tmp_path / "committed"))
     study = run_sweep(cfg)
     assert live_models() == models_before  # no trial's model outlives it
     trials = study.get_trials()
@@ -94,10 +94,14 @@ def test_study_logs_one_parent_and_a_child_per_trial_and_resumes_without_duplica
     assert parent.data.tags["best.trial_number"] == str(best.number)
     assert parent.data.metrics["best/val_loss"] == pytest.approx(best.value)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"summary.md", "optimization_history.png", "intermediate_values.png", "config.yaml"} <= artifacts
-    summary = (tmp_path / "results" / STUDY / "summary.md").read_text()
-    assert f"best: trial {best.number}" in summary and summary.count("\n| ") == 1 + 4  # header and one row per trial
-    assert (tmp_path / "results" / STUDY / "optimization_history.png").stat().st_size > 0
+    assert {"summary.md", "summary.html", "optimization_history.png", "intermediate_values.png", "config.yaml"} <= artifacts
+    for folder in (tmp_path / "results" / "sweeps" / STUDY, tmp_path / "committed"):  # the study's own folder, and sweep.report_dir
+        summary = (folder / "summary.md").read_text()
+        assert f"best: trial {best.number}" in summary and summary.count("\n| ") == 1 + 4  # header and one row per trial
+        assert (folder / "optimization_history.png").stat().st_size > 0
+        page = (folder / "summary.html").read_text()  # self-contained: the plots are embedded, the best trial highlighted
+        assert page.count('<img src="data:image/png;base64,') == len(list(folder.glob("*.png"))) >= 2
+        assert f'<tr class="best"><td>{best.number}</td>' in page and page.count("<tr") == 1 + 4
 
     run_ids = {r.info.run_id for r in [parent, *sum(children.values(), [])]}
     run_sweep(sweep_cfg(sweep__n_trials=4))  # the same command again: nothing left to do
@@ -183,6 +187,14 @@ def test_a_dead_workers_trial_is_failed_and_queued_again(sweep_cfg, tmp_path, ki
     assert run.info.status == "FAILED" and "no heartbeat" in run.data.tags["end_reason"]
     parents, children = runs_of(cfg)
     assert [p.info.status for p in parents if p.info.run_id != run_id] == ["FINISHED"] and sorted(children) == [1, 2]
+
+
+def test_reports_show_storages_inside_the_repo_relative_to_it():
+    assert sweep.shown_storage(f"sqlite:///{REPO}/results/optuna.db") == "sqlite:///results/optuna.db"
+    assert sweep.shown_storage(f"journal:{REPO}/results/study.journal") == "journal:results/study.journal"
+    assert sweep.shown_storage(f"{REPO}/results/study.journal") == "results/study.journal"
+    assert sweep.shown_storage("sqlite:////elsewhere/optuna.db") == "sqlite:////elsewhere/optuna.db"
+    assert sweep.shown_storage("postgresql://u:secret@host/optuna") == "postgresql://u:***@host/optuna"
 
 
 def test_bad_bounds_and_storages_are_one_line_errors(sweep_cfg):
