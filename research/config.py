@@ -112,6 +112,7 @@ class SweepConfig:
     heartbeat_s: int = 30  # a running trial marks itself alive this often
     grace_s: int = 300  # a running trial silent this long belongs to a dead worker: it is failed and queued again
     max_retries: int = 2  # times a dead worker's trial is queued again before it stays failed
+    report_dir: str = ""  # also write the study's report (summary.md, summary.html, plots) here, e.g. results/lr_sweep-sweep; "" = only <out_dir>/sweeps/<study>/ and the parent run
 
 
 @dataclass

@@ -41,7 +41,7 @@ from research.config import apply_overrides, resolve_path, to_yaml, validate
 from research.database import mask_password, open_store
 from research.errors import UserError
 from research.tracking import (
-    SWEEP_SECTIONS, TRIAL_RUN_STATUS, MLflowHook, connect, params_and_tags, start_run, tracking_uri, trial_run_name,
+    SWEEP_SECTIONS, TRIAL_RUN_STATUS, MLflowHook, connect, params_and_tags, portable_value, start_run, tracking_uri, trial_run_name,
 )
 from research.sweep_report import CONFIRM_RANK_ATTR, SEED_ATTR, STAGE_ATTR, STEPS_ATTR, candidates, summarise
 from research.trainer import Hooks, train
@@ -81,7 +81,7 @@ def run_sweep(cfg: DictConfig) -> optuna.Study:
         while (trial := take_queued_trial(study, cfg.seed, min(cfg.sweep.heartbeat_s, 5), console, cfg.sweep.confirm_top_k)) is not None:
             run_trial(study, trial, cfg, client, parent_run_id, console)
             gc.collect()  # the trial's model is unreachable now; free it before the next one is built
-        summarise(study, cfg, registry.build(cfg.exp), describe_space(cfg), mask_password(url), client, parent_run_id, console)
+        summarise(study, cfg, registry.build(cfg.exp), describe_space(cfg), shown_storage(url), client, parent_run_id, console)
         interrupted = False
     finally:
         close_parent_run(client, parent_run_id, study, interrupted, console)
@@ -229,6 +229,16 @@ def queue_plan(cfg: DictConfig, queued: int) -> list[tuple[dict, dict]]:
         ranks = range(int(s.enqueue_default) + s.confirm_top_k)
         plan += [({}, {STAGE_ATTR: "confirm", CONFIRM_RANK_ATTR: r, SEED_ATTR: cfg.seed + 1 + i}) for i in range(s.confirm_seeds) for r in ranks]
     return plan
+
+
+def shown_storage(url: str) -> str:
+    """The storage URL as a report shows it: a file inside the repository relative to it, a password masked."""
+    prefix = next((p for p in ("sqlite:///", "journal:") if url.startswith(p)), "")
+    if prefix or journal_path(url):
+        local = portable_value("sweep.report.storage_file", url[len(prefix):])
+        if local is not None:
+            return prefix + local
+    return mask_password(url)
 
 
 def open_study(name: str, storage, pruner, cfg: DictConfig) -> tuple[optuna.Study, bool]:

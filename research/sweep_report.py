@@ -8,9 +8,13 @@ This module reads the finished trials; it writes nothing to the study.
 
 from __future__ import annotations
 
+import base64
+import html
 import math
 import os
+import re
 import shlex
+import shutil
 import statistics
 import tempfile
 import time
@@ -149,21 +153,22 @@ def summarise(study, cfg: DictConfig, recipe_cfg: DictConfig, space: dict[str, s
     default = next((c for c in configs if c.role == "default"), None)
     steps = total_steps(trials)
     importances = param_importances(study)
-    lines = [f"# Study {study.study_name}", "", f"storage: `{storage_text}`; {len(trials)} trials ({state_counts(trials)}); "
-             f"{steps:,} training steps in all; search space: " + "; ".join(f"{k} {v}" for k, v in space.items()), ""]
+    paragraphs = [f"storage: `{storage_text}`; {len(trials)} trials ({state_counts(trials)}); {steps:,} training steps in all; "
+                  "search space: " + "; ".join(f"{k} {v}" for k, v in space.items())]
     command = ""
     if best is not None:
         command = retrain_command(cfg, recipe_cfg, best.params)
-        lines += [f"**best**: {format_params(best.params)}: final val loss {best.describe()}",
-                  "**default**: " + (f"{format_params(default.params)}: {default.describe()}" if default else "not trained"),
-                  f"**verdict**: {verdict(best, default)}", "", f"train it: `{command}`", ""]
+        paragraphs += [f"**best**: {format_params(best.params)}: final val loss {best.describe()}",
+                       "**default**: " + (f"{format_params(default.params)}: {default.describe()}" if default else "not trained"),
+                       f"**verdict**: {verdict(best, default)}", f"train it: `{command}`"]
     if importances:
-        lines += ["parameter importance (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()), ""]
-    lines += markdown_table(["configuration", "role", "mean ± sd (n)", "trials"],
-                            [[format_params(c.params), c.role, c.describe(), ", ".join(map(str, c.trial_numbers))] for c in configs])
-    lines += [""] + markdown_table(["trial", "stage", "seed", *space, "val loss", "steps", "state", "note"], [trial_row(t, space) for t in trials])
-    console.print("\n".join(line for line in lines if not line.startswith("|")))
-    write_report(study, lines, cfg.out_dir, client, parent_run_id, console)
+        paragraphs.append("parameter importance (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
+    tables = [(["configuration", "role", "mean ± sd (n)", "trials"],
+               [[format_params(c.params), c.role, c.describe(), ", ".join(map(str, c.trial_numbers))] for c in configs], {configs.index(best)} if best else set()),
+              (["trial", "stage", "seed", *space, "val loss", "steps", "state", "note"], [trial_row(t, space) for t in trials],
+               {i for i, t in enumerate(trials) if best and t.number in best.trial_numbers})]
+    console.print("\n\n".join(paragraphs))
+    write_report(study, f"Study {study.study_name}", paragraphs, tables, report_folders(cfg, study.study_name), client, parent_run_id, console)
     if client and parent_run_id:
         log_answer(client, parent_run_id, best, default, steps, importances, command, len(trials))
 
@@ -184,10 +189,6 @@ def state_counts(trials: list[FrozenTrial]) -> str:
     return ", ".join(f"{sum(t.state == s for t in trials)} {s.name.lower()}" for s in states if any(t.state == s for t in trials))
 
 
-def markdown_table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
-
-
 def param_importances(study) -> dict[str, float]:
     """Optuna's fANOVA importances over the completed trials; empty while fewer than two configurations finished."""
     with warnings.catch_warnings():
@@ -198,19 +199,74 @@ def param_importances(study) -> dict[str, float]:
             return {}
 
 
-def write_report(study, lines: list[str], out_dir: str, client, parent_run_id: str | None, console) -> None:
-    """summary.md and the plots into <out_dir>/<study>/ (written whole, then moved: other workers may write at once) and the parent run."""
-    out = resolve_path(out_dir) / study.study_name
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
+def report_folders(cfg: DictConfig, name: str) -> list[Path]:
+    """The study's own report folder, <out_dir>/sweeps/<study>/, and `sweep.report_dir` when set (e.g. a committed copy under results/)."""
+    folders = [resolve_path(cfg.out_dir) / "sweeps" / name]
+    if cfg.sweep.report_dir:
+        folders.append(resolve_path(cfg.sweep.report_dir))
+    return folders
+
+
+def write_report(study, title: str, paragraphs: list[str], tables: list, folders: list[Path], client, parent_run_id: str | None, console) -> None:
+    """summary.md, summary.html and the plots, written whole then copied into each folder (other workers may write at once), and to the parent run."""
+    folders[0].mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folders[0]) as tmp:
         plots = save_plots(study, Path(tmp))
-        body = lines + [""] + [f"![{p.stem.replace('_', ' ')}]({p.name})" for p in plots]
-        (Path(tmp) / "summary.md").write_text("\n".join(body) + "\n")
+        (Path(tmp) / "summary.md").write_text(report_markdown(title, paragraphs, tables, plots))
+        (Path(tmp) / "summary.html").write_text(report_html(title, paragraphs, tables, plots))
         if client and parent_run_id:
             client.log_artifacts(parent_run_id, tmp)
-        for path in Path(tmp).iterdir():
-            os.replace(path, out / path.name)
-    console.print(f"summary: {out / 'summary.md'}")
+        for folder in folders:
+            publish(Path(tmp), folder)
+    console.print("summary: " + ", ".join(str(folder / "summary.md") for folder in folders))
+
+
+def report_markdown(title: str, paragraphs: list[str], tables: list, plots: list[Path]) -> str:
+    lines = [f"# {title}", ""] + [line for text in paragraphs for line in (text, "")]
+    for header, rows, _ in tables:
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(cell.replace("|", "/") for cell in row) + " |" for row in rows] + [""]
+    lines += [f"![{p.stem.replace('_', ' ')}]({p.name})" for p in plots]
+    return "\n".join(lines) + "\n"
+
+
+REPORT_STYLE = """body { font: 14px system-ui, sans-serif; margin: 16px; color: #1f2328; }
+table { border-collapse: collapse; font-size: 13px; margin: 12px 0; }
+th, td { border: 1px solid #d0d7de; padding: 3px 8px; text-align: right; }
+th { background: #f6f8fa; } td:first-child, td:last-child { text-align: left; }
+tr.best { background: #dafbe1; font-weight: 600; }
+code { background: #f6f8fa; padding: 1px 4px; border-radius: 3px; }
+figure { margin: 16px 0; } img { max-width: 100%; }"""
+
+
+def report_html(title: str, paragraphs: list[str], tables: list, plots: list[Path]) -> str:
+    """The summary as one self-contained page (plots embedded as data URIs): MLflow's artifact viewer renders it, images included."""
+
+    def text(value: str) -> str:
+        value = re.sub(r"`([^`]*)`", r"<code>\1</code>", html.escape(value))
+        return re.sub(r"\*\*([^*]*)\*\*", r"<b>\1</b>", value)
+
+    parts = [f"<!doctype html>\n<html><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title><style>\n{REPORT_STYLE}\n</style></head><body>",
+             f"<h1>{html.escape(title)}</h1>", *(f"<p>{text(p)}</p>" for p in paragraphs)]
+    for header, rows, best_rows in tables:
+        parts.append("<table><thead><tr>" + "".join(f"<th>{html.escape(c)}</th>" for c in header) + "</tr></thead><tbody>")
+        parts += [('<tr class="best">' if i in best_rows else "<tr>") + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for i, row in enumerate(rows)]
+        parts.append("</tbody></table>")
+    for plot in plots:
+        data = base64.b64encode(plot.read_bytes()).decode("ascii")
+        caption = html.escape(plot.stem.replace("_", " "))
+        parts.append(f"<figure><img src=\"data:image/png;base64,{data}\" alt=\"{caption}\"><figcaption>{caption}</figcaption></figure>")
+    return "\n".join(parts + ["</body></html>"]) + "\n"
+
+
+def publish(source: Path, folder: Path) -> None:
+    """Copy the report's files into `folder`, each written whole and then renamed into place."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for path in source.iterdir():
+        fd, partial = tempfile.mkstemp(dir=folder, prefix=f".{path.name}.")
+        os.close(fd)
+        shutil.copyfile(path, partial)
+        os.replace(partial, folder / path.name)
 
 
 def log_answer(client, parent_run_id: str, best: Configuration | None, default: Configuration | None, steps: int,

@@ -54,7 +54,7 @@ TRAIN_SECTIONS = ("exp", "seed", "out_dir", "data", "model", "train")
 SWEEP_SECTIONS = (*TRAIN_SECTIONS, "sweep")  # a study's parent run: the recipe and the search space
 # Keys whose value names this machine (folders, stores): tags, whatever their value. Absolute paths
 # outside the repo, URLs and a numbered device (cuda:1) anywhere in the logged sections are tags too.
-MACHINE_KEYS = frozenset({"out_dir", "data.cache_dir", "train.checkpoint_dir", "train.resume_from", "tracking.uri", "sweep.storage", "bench.out"})
+MACHINE_KEYS = frozenset({"out_dir", "data.cache_dir", "train.checkpoint_dir", "train.resume_from", "tracking.uri", "sweep.storage", "sweep.report_dir", "bench.out"})
 TOKENS_PER_STEP = "tokens_per_step"  # param: train.batch_size x data.seq_len x train.grad_accum x ranks, kept by a resume on other ranks
 WORLD_SIZE = "world_size"  # tag: the ranks of the run's latest start (a machine fact)
 # Experiment tags: the recipe's docstring as the description; MLflow 3 opens "custom model" experiments

@@ -66,7 +66,7 @@ def live_models() -> int:
 
 def test_study_logs_one_parent_and_a_child_per_trial_and_resumes_without_duplicates(sweep_cfg, tmp_path):
     models_before = live_models()
-    cfg = sweep_cfg(sweep__n_trials=4)
+    cfg = sweep_cfg(sweep__n_trials=4, sweep__report_dir=str(tmp_path / "committed"))
     study = run_sweep(cfg)
     assert live_models() == models_before  # no trial's model outlives it
     trials = study.get_trials()
@@ -95,11 +95,15 @@ def test_study_logs_one_parent_and_a_child_per_trial_and_resumes_without_duplica
     assert parent.data.tags["best.trial_numbers"] == str(best.number)
     assert parent.data.metrics["best/val_loss"] == pytest.approx(best.value)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
-    assert {"summary.md", "optimization_history.png", "intermediate_values.png", "config.yaml"} <= artifacts
-    summary = (tmp_path / "results" / STUDY / "summary.md").read_text()
-    assert f"**best**: train.lr={best.params['train.lr']:.4g}" in summary and f"\n| {best.number} | " in summary
-    assert summary.count("\n| ") == 2 + 4 + 4  # two headers, a row per configuration and one per trial
-    assert (tmp_path / "results" / STUDY / "optimization_history.png").stat().st_size > 0
+    assert {"summary.md", "summary.html", "optimization_history.png", "intermediate_values.png", "config.yaml"} <= artifacts
+    for folder in (tmp_path / "results" / "sweeps" / STUDY, tmp_path / "committed"):  # the study's own folder, and sweep.report_dir
+        summary = (folder / "summary.md").read_text()
+        assert f"**best**: train.lr={best.params['train.lr']:.4g}" in summary and f"\n| {best.number} | " in summary
+        assert summary.count("\n| ") == 2 + 4 + 4  # two headers, a row per configuration and one per trial
+        assert (folder / "optimization_history.png").stat().st_size > 0
+        page = (folder / "summary.html").read_text()  # self-contained: the plots are embedded, the best highlighted
+        assert page.count('<img src="data:image/png;base64,') == len(list(folder.glob("*.png"))) >= 2
+        assert f'<tr class="best"><td>{best.number}</td>' in page and page.count("<tr") == 2 + 4 + 4
 
     run_ids = {r.info.run_id for r in [parent, *sum(children.values(), [])]}
     run_sweep(sweep_cfg(sweep__n_trials=4))  # the same command again: nothing left to do
@@ -187,6 +191,14 @@ def test_a_dead_workers_trial_is_failed_and_queued_again(sweep_cfg, tmp_path, ki
     assert [p.info.status for p in parents if p.info.run_id != run_id] == ["FINISHED"] and sorted(children) == [1, 2]
 
 
+def test_reports_show_storages_inside_the_repo_relative_to_it():
+    assert sweep.shown_storage(f"sqlite:///{REPO}/results/optuna.db") == "sqlite:///results/optuna.db"
+    assert sweep.shown_storage(f"journal:{REPO}/results/study.journal") == "journal:results/study.journal"
+    assert sweep.shown_storage(f"{REPO}/results/study.journal") == "results/study.journal"
+    assert sweep.shown_storage("sqlite:////elsewhere/optuna.db") == "sqlite:////elsewhere/optuna.db"
+    assert sweep.shown_storage("postgresql://u:secret@host/optuna") == "postgresql://u:***@host/optuna"
+
+
 def test_bad_bounds_and_storages_are_one_line_errors(sweep_cfg):
     with pytest.raises(UserError, match="sweep.lr_min <= sweep.lr_max"):
         run_sweep(sweep_cfg(sweep__n_trials=1, sweep__lr_min=1e-2, sweep__lr_max=1e-3))
@@ -215,7 +227,7 @@ def test_the_default_comes_first_confirmations_give_mean_and_sd_and_the_retrain_
     assert metrics["best/val_loss"] == pytest.approx(statistics.fmean(values)) and metrics["best/val_loss_n"] == 2
     assert metrics["best/val_loss_sd"] == pytest.approx(statistics.stdev(values))
     assert metrics["default/val_loss"] == pytest.approx(statistics.fmean(t.value for t in pairs["default"]))
-    summary = (tmp_path / "results" / STUDY / "summary.md").read_text()
+    summary = (tmp_path / "results" / "sweeps" / STUDY / "summary.md").read_text()
     assert f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.3f} (n=2)" in summary and "verdict" in summary
 
     command = shlex.split(tags["best.retrain_command"])
