@@ -133,3 +133,14 @@ def postgres():
     finally:
         pg("pg_ctl", "-D", str(data), "-m", "immediate", "stop")
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def last_logged_step(db, metric: str = "train/loss") -> int:
+    """The highest step of `metric` in an MLflow SQLite store, read without locking it (0 while there is none)."""
+    import sqlite3
+
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
+            return con.execute("select max(step) from metrics where key = ?", (metric,)).fetchone()[0] or 0
+    except sqlite3.Error:
+        return 0

@@ -12,7 +12,6 @@ import os
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -25,7 +24,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, last_logged_step, run_cli
 from research import registry
 from research.checkpoint import load_checkpoint
 from research.errors import UserError
@@ -263,20 +262,13 @@ def check_losing_the_server_mid_run(server, uri, db, out, tiny) -> None:
     env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}  # each failed call: well under a second
     trainer = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def logged_through() -> int:
-        try:
-            with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=1) as con:
-                return con.execute("select max(step) from metrics where key = 'train/loss'").fetchone()[0] or 0
-        except sqlite3.Error:
-            return 0
-
     deadline = time.monotonic() + 90
-    while logged_through() < 20 and trainer.poll() is None and time.monotonic() < deadline:
+    while last_logged_step(db) < 20 and trainer.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     os.killpg(server.pid, signal.SIGKILL)
     server.wait()
     stdout, stderr = trainer.communicate(timeout=120)
-    on_server = logged_through()
+    on_server = last_logged_step(db)
     assert 20 <= on_server < steps, (on_server, stderr[-2000:])  # killed mid-run
 
     assert trainer.returncode == 0, stderr[-3000:]

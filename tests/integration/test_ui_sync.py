@@ -4,7 +4,6 @@ import os
 import shutil
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import time
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from conftest import REPO, TINY, run_cli
+from conftest import REPO, TINY, last_logged_step, run_cli
 from research.runner import run_tracked
 from research.tracking import NOTE_TAG, recipe_description
 from research.ui import start_server, stop_server, wait_until_healthy
@@ -139,20 +138,13 @@ def test_a_run_that_lost_its_server_is_synced_into_the_same_run_once(tmp_path, t
     env = {**os.environ, "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0"}
     trainer = subprocess.Popen([sys.executable, str(REPO / "run.py"), *args], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
-    def logged_through() -> int:
-        try:
-            with sqlite3.connect(f"file:{server.db}?mode=ro", uri=True, timeout=1) as con:
-                return con.execute("select max(step) from metrics where key = 'train/loss'").fetchone()[0] or 0
-        except sqlite3.Error:
-            return 0
-
     deadline = time.monotonic() + 120
-    while logged_through() < 10 and trainer.poll() is None and time.monotonic() < deadline:
+    while last_logged_step(server.db) < 10 and trainer.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     server.kill()
     _, stderr = trainer.communicate(timeout=180)
     assert trainer.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
-    assert 10 <= logged_through() < steps  # the server was lost mid-run
+    assert 10 <= last_logged_step(server.db) < steps  # the server was lost mid-run
     (fallback,) = (out / "offline").glob("*.jsonl")
     run_id = fallback.stem
     assert (out / "offline" / run_id / "model" / "model.safetensors").exists() and "python run.py sync" in stderr
