@@ -43,7 +43,7 @@ from research.hardware import (
 )
 from research.model import flops_per_token, num_params
 from research.components import Components, build
-from research.trainer import RunInfo
+from research.trainer import RunInfo, derived_quantities
 
 
 PROFILE_ROWS = 12  # operators listed per profiled step in the report
@@ -266,7 +266,7 @@ def run_benchmark(cfg: DictConfig, label: str = "", tracker=None) -> BenchResult
     if env.device.type == "cpu" and cfg.bench.default_allocator_first and not FREED_MEMORY_KEPT.is_set():  # glibc's defaults, while this process still has them
         phases.insert(0, DEFAULT_ALLOCATOR)
     if tracker is not None:
-        tracker.on_start(RunInfo(cfg, run.state.model, run.tokenizer, run.data_info, {"precision": precision, "parameters": num_params(run.state.model)}))
+        tracker.on_start(RunInfo(cfg, run.state.model, run.tokenizer, run.data_info, derived_quantities(cfg, run, env)))
 
     with Progress(console=Console(), transient=True) as progress:
         task = progress.add_task("bench", total=len(phases) * (cfg.bench.warmup_steps + cfg.bench.steps) * len(candidates))
