@@ -154,11 +154,15 @@ def start_build(corpus: Path, cache_dir: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", BUILD, str(corpus), str(cache_dir)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+BIG_COPIES = 48
+
+
 @pytest.fixture(scope="module")
 def big_corpus(tmp_path_factory, texts) -> Path:
-    """About 8 MB of text: long enough to stop a build half way, reliably."""
+    """About 17 MB of text: a build of a few seconds, so the signal lands half way even when the test's own process
+    waits for a core that the two workers hold."""
     path = tmp_path_factory.mktemp("big") / "big.jsonl"
-    path.write_bytes(lines_of(texts) * 12)
+    path.write_bytes(lines_of(texts) * BIG_COPIES)
     return path
 
 
@@ -176,7 +180,7 @@ def test_interrupted_build_leaves_nothing_trusted_and_reruns_cleanly(sig, big_co
     assert (left == []) if sig == signal.SIGINT else (len(left) == 1)  # Ctrl-C cleans up; a kill leaves a temp folder
     cache = open_token_cache(str(big_corpus), tokenizer, cache_dir=cache_dir, workers=2, block_bytes=256 << 10)
     assert not cache.hit and not list(cache_dir.glob("*.tmp-*"))  # the killed build's temp folder is gone
-    assert cache.n_docs == 12 * 300 and cache.doc_offsets[-1] == len(cache.tokens)
+    assert cache.n_docs == BIG_COPIES * 300 and cache.doc_offsets[-1] == len(cache.tokens)
 
 
 @pytest.mark.skipif(not Path(f"/proc/{os.getpid()}/task/{os.getpid()}/children").exists(), reason="finds the workers through Linux's /proc")
