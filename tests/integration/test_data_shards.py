@@ -150,8 +150,10 @@ open_token_cache(sys.argv[1], load_tokenizer("data/tokenizer"), cache_dir=sys.ar
 
 
 def start_build(corpus: Path, cache_dir: Path) -> subprocess.Popen:
+    """A build in its own process, with Ctrl-C restored: a shell that starts a job in the background (`cmd &`) hands it SIGINT ignored."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-c", BUILD, str(corpus), str(cache_dir)], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen([sys.executable, "-c", BUILD, str(corpus), str(cache_dir)], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 BIG_COPIES = 48
