@@ -79,8 +79,11 @@ def candidates(trials: list[FrozenTrial], top_k: int) -> list[dict]:
     return defaults[:1] + ranked[:top_k]
 
 
-def configurations(trials: list[FrozenTrial]) -> list[Configuration]:
-    """Every configuration with a completed trial, its losses grouped by seed, in order of first appearance."""
+def configurations(trials: list[FrozenTrial], recipe_default: dict | None = None) -> list[Configuration]:
+    """Every configuration with a completed trial, its losses grouped by seed, in order of first appearance.
+
+    The default is the configuration of the trials queued as such, or (a grid) the one whose values are the recipe's own.
+    """
     found: dict[tuple, Configuration] = {}
     for trial in trials:
         if trial.state != TrialState.COMPLETE or not trial.params:
@@ -91,6 +94,10 @@ def configurations(trials: list[FrozenTrial]) -> list[Configuration]:
             config.role = "default"
         config.losses[trial.user_attrs.get(SEED_ATTR, 0)] = trial.value
         config.trial_numbers.append(trial.number)
+    if recipe_default and not any(c.role == "default" for c in found.values()):
+        for config in found.values():
+            if all(math.isclose(float(v), float(recipe_default.get(k, math.nan))) for k, v in config.params.items()):
+                config.role = "default"
     return list(found.values())
 
 
@@ -148,7 +155,8 @@ def summarise(study, cfg: DictConfig, recipe_cfg: DictConfig, space: dict[str, s
     """Every trial, every configuration's mean ± sd, the answer and its command: printed, written to
     <out_dir>/<study>/summary.md with Optuna's plots, and logged to the parent run."""
     trials = study.get_trials(deepcopy=False)
-    configs = configurations(trials)
+    t = cfg.train
+    configs = configurations(trials, {"train.lr": t.lr, "train.warmup_steps": t.warmup_steps, "train.min_lr_ratio": t.min_lr_ratio})
     best = best_configuration(configs)
     default = next((c for c in configs if c.role == "default"), None)
     steps = total_steps(trials)

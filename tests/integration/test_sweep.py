@@ -6,6 +6,7 @@ import shutil
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import optuna
 import pytest
@@ -247,5 +248,7 @@ def test_a_grid_runs_every_point_at_every_seed(sweep_cfg):
     trials = run_sweep(cfg).get_trials()
     assert sorted((t.params["train.lr"], t.user_attrs["seed"]) for t in trials) == [(1e-3, 1337), (1e-3, 1338), (3e-3, 1337), (3e-3, 1338)]
     assert all(t.state == TrialState.COMPLETE and t.params["train.min_lr_ratio"] == 0.1 for t in trials)
+    summary = (Path(cfg.out_dir) / "sweeps" / STUDY / "summary.md").read_text()
+    assert f"**default**: train.lr={cfg.train.lr:.4g} train.min_lr_ratio=0.1: " in summary  # the grid point with the recipe's values
     with pytest.raises(UserError, match="sweep.sampler=grid needs"):
         run_sweep(sweep_cfg(sweep__sampler="grid", sweep__grid_lr=[1e-3], sweep__grid_min_lr_ratio=[0.1], sweep__n_trials=3))
