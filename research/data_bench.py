@@ -138,14 +138,6 @@ def _rss(pid: int) -> int:
         return 0
 
 
-def lscpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        return next(line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name"))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return cpu_name()
-
-
 def run_data_bench(cfg) -> list[dict]:
     """Measure, print a table and write <bench.out>/data-<machine>.md."""
     console, cores = Console(), resolve_workers(cfg.data.workers)
@@ -169,7 +161,7 @@ def run_data_bench(cfg) -> list[dict]:
     Console(width=max(console.width, 150)).print(table(rows))
     out = resolve_path(cfg.bench.out)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / f"data-{cfg.bench.machine or slug(f'{lscpu_model()} {cores} cores', '-')}.md"
+    path = out / f"data-{cfg.bench.machine or slug(f'{cpu_name()} {cores} cores', '-')}.md"
     write_report(path, section, cores)
     console.print(f"report: {path}")
     return rows
@@ -209,7 +201,7 @@ def write_report(path: Path, section: str, cores: int) -> None:
     old = path.read_text().split("\n## ")[1:] if path.exists() else []
     sections = ["## " + s.rstrip("\n") + "\n" for s in old if not ("## " + s).startswith(title + "\n")] + [section]
     header = (
-        f"# Token cache build on {lscpu_model()}, {cores} cores\n\n"
+        f"# Token cache build on {cpu_name()}, {cores} cores\n\n"
         "Each row ran in its own process, with torch imported as in training. `tokenizer(batch)` is the transformers call on "
         "batches of 256 texts already in memory (reading not timed), on one thread; a cache build reads, decompresses, parses "
         "and tokenizes the shards and writes the cache. CPU seconds: of the timed calls (the tokenizer pass), or of the build "
