@@ -1,4 +1,4 @@
-"""The reference for lr_sweep: every lr x min-lr ratio of a 5 x 3 grid at the baseline's full budget and three seeds (about 40 minutes on 2 AMX cores in bf16).
+"""The reference for lr_sweep: every lr x min-lr ratio of a 5 x 3 grid at the baseline's full budget and three seeds (about 47 minutes on 2 AMX cores in bf16).
 
 45 runs of 340 steps (15,300 steps), nothing pruned; the report ranks the 15 configurations by
 their mean over seeds 1337, 1338, 1339 against the default (lr 3e-3, min-lr ratio 0.1, which is
