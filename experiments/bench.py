@@ -1,11 +1,13 @@
-"""Throughput side by side at the minimind2-small shape: our step, padded data, transformers' Llama, matmul ceiling.
+"""Throughput side by side at the minimind2-small shape: our step, padded data, transformers' Llama, matmul ceiling, background load.
 
-Writes results/bench/<machine>.md and logs every figure to MLflow. About 8 minutes on 2 CPU cores
-(steps of ~7 s; torch.compile of our model and of Llama take about a minute each):
+Writes results/bench/<machine>.md and logs every figure to MLflow. The precision train.precision=auto
+picks runs first, with our step and Llama's timed again beside each background load (bench.load);
+on a CPU whose auto precision is bf16 (AMX or AVX-512 BF16), fp32 follows, without the loads.
+About 10 minutes on 2 CPU cores with AMX (bf16 with the loads, then fp32), 15 on an AVX2 CPU (fp32 only, steps of ~6 s):
 
-    python run.py exp=bench                                    # the default comparison
-    python run.py exp=bench bench.compile=false bench.steps=3  # quicker: eager only
-    python run.py exp=bench train.precision=bf16               # on CPUs with AMX / AVX-512 BF16
+    python run.py exp=bench                                     # the full comparison
+    python run.py exp=bench train.precision=fp32                # one precision only
+    python run.py exp=bench bench.load=[] bench.compile=false   # quicker: alone, eager
 """
 
 # minimind2-small: 25.8M parameters
@@ -23,6 +25,13 @@ OVERRIDES = {
 
 
 def main(cfg):
-    from research.benchmark import run_bench
+    import torch
 
-    return run_bench(cfg)
+    from research.benchmark import run_bench
+    from research.hardware import resolve_precision
+
+    variants = [("", {})]
+    on_cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+    if on_cpu and cfg.train.precision == "auto" and resolve_precision("auto", torch.device("cpu")) != "fp32":
+        variants.append(("", {"train.precision": "fp32", "bench.load": []}))  # what any CPU can run
+    return run_bench(cfg, variants)

@@ -19,6 +19,7 @@ OVERRIDES = {
     "bench.steps": 20,
     "bench.warmup_steps": 5,
     "bench.padded": False,  # padding costs the same on any device; the CPU report has it
+    "bench.load": [],  # background load is a CPU question
     "bench.compile": False,  # one compile per model and variant keeps the whole run under 5 minutes
 }
 

@@ -34,12 +34,12 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from research import distributed
+from research import background_load, distributed
 from research.data import BatchSampler
 from research.errors import UserError
 from research.config import apply_overrides, resolve_path, validate
 from research.hardware import (
-    FREED_MEMORY_KEPT, autocast_dtype, device_name, keep_freed_memory, matmul_sizes, measure_matmul_flops, peak_flops, release_free_memory,
+    FREED_MEMORY_KEPT, autocast_dtype, cpu_features, cpu_name, device_name, resolve_precision, threading_summary, keep_freed_memory, matmul_sizes, measure_matmul_flops, peak_flops, release_free_memory,
 )
 from research.model import flops_per_token, num_params
 from research.components import Components, build
@@ -50,6 +50,7 @@ PROFILE_ROWS = 12  # operators listed per profiled step in the report
 DEFAULT_ALLOCATOR = "glibc's default allocator"  # how a plain script runs
 TRAINER_ALLOCATOR = "freed memory kept for reuse (what train() sets on a CPU)"
 AS_TRAINED = "as train() runs it"
+LOADED = "beside"  # phase name prefix of a timing under background load
 
 
 @dataclass
@@ -97,9 +98,11 @@ class Candidate:
 class BenchResult:
     label: str
     device: str
+    device_type: str  # cpu | cuda
     shape: dict
     candidates: list[Candidate]
     phases: list[str]  # allocator settings the candidates were timed under, in order; the last is the trainer's
+    load_phases: list[str]  # then our step and the Llama loops beside each background load (CPU only), with the trainer's allocator
     matmul_flops: dict[str, tuple[float, int]]  # precision -> (median FLOP/s of the best size, that size)
     table_peak_flops: float  # what training runs compute MFU against (a known table on GPUs, the measured ceiling on CPUs)
     tracking_share: float  # MLflow logging + progress display, as a share of step time at train.log_every
@@ -269,7 +272,9 @@ def run_benchmark(cfg: DictConfig, label: str = "", tracker=None) -> BenchResult
         tracker.on_start(RunInfo(cfg, run.state.model, run.tokenizer, run.data_info, derived_quantities(cfg, run, env)))
 
     with Progress(console=Console(), transient=True) as progress:
-        task = progress.add_task("bench", total=len(phases) * (cfg.bench.warmup_steps + cfg.bench.steps) * len(candidates))
+        rounds = cfg.bench.warmup_steps + cfg.bench.steps
+        loaded_steps = len(cfg.bench.load) * rounds * (1 + sum(c.name.startswith("llama") for c in candidates)) if env.device.type == "cpu" else 0
+        task = progress.add_task("bench", total=len(phases) * rounds * len(candidates) + loaded_steps)
         hook_times = time_rounds(cfg, env, candidates, phases, ceilings, progress, task, tracker, run.state)
         if cfg.bench.profile:  # in the trainer's steady state, before the memory pass hands memory back to the OS
             for candidate in candidates:
@@ -281,6 +286,7 @@ def run_benchmark(cfg: DictConfig, label: str = "", tracker=None) -> BenchResult
             with MemoryWatch(env.device) as memory:
                 candidate.step()
             candidate.peak_step_bytes = memory.peak
+        load_phases = time_under_load(cfg, env, candidates, progress, task) if env.device.type == "cpu" else []
 
     matmul = {}
     for p, sizes in ceilings.items():
@@ -296,13 +302,15 @@ def run_benchmark(cfg: DictConfig, label: str = "", tracker=None) -> BenchResult
     return BenchResult(
         label=label or f"{shape['parameters'] / 1e6:.1f}M, {precision}",
         device=f"{device_name(env.device)}{threads}",
+        device_type=env.device.type,
         shape=shape,
         candidates=candidates,
         phases=phases,
+        load_phases=load_phases,
         matmul_flops=matmul,
         table_peak_flops=peak_flops(env.device, precision, resolve_path(cfg.out_dir) / "cache"),
-        tracking_share=flush_seconds / (cfg.train.log_every * step_seconds),
-        tracking_ms_per_flush=flush_seconds * 1e3,
+        tracking_share=flush_seconds / (cfg.train.log_every * step_seconds) if hook_times else float("nan"),  # timed with the first variant only
+        tracking_ms_per_flush=flush_seconds * 1e3 if hook_times else float("nan"),
         flops_per_token=flops_per_token(run.model_config, cfg.data.seq_len),
         rounds=cfg.bench.steps,
     )
@@ -326,32 +334,55 @@ def build_candidates(cfg: DictConfig, env: distributed.DistEnv) -> tuple[list[Ca
 def time_rounds(cfg: DictConfig, env: distributed.DistEnv, candidates: list[Candidate], phases: list[str], ceilings: dict,
                 progress: Progress, task, tracker, state) -> list[float]:
     """Round-robin steps of every candidate in each phase, the matmul ceilings between rounds; returns the tracking times."""
-    rounds = cfg.bench.warmup_steps + cfg.bench.steps
     hook_times: list[float] = []
+
+    def between_rounds(round_index: int) -> None:
+        if tracker is not None:  # what a log interval costs the trainer: reading the values, the hook, a round trip to the store, the display
+            start = time.perf_counter()
+            row = {name: value.item() for name, value in candidates[0].last.items()} | {"train/lr": cfg.train.lr}
+            tracker.on_metrics([(state.step, row)])
+            tracker.flush(force=True)
+            progress.update(task, description=f"round {round_index + 1}: loss {row['train/loss']:.3f}")
+            hook_times.append(time.perf_counter() - start)
+        for p, sizes in ceilings.items():
+            for size in sizes:
+                sizes[size].append(measure_matmul_flops(autocast_dtype(p) or torch.float32, env.device, size=size, repeats=3))
+
     for phase in phases:
         if phase == TRAINER_ALLOCATOR and env.device.type == "cpu":
             keep_freed_memory()  # what train() does on a CPU; it cannot be undone, so this phase comes last
-        for round_index in range(rounds):
-            for candidate in candidates:
-                progress.update(task, description=f"{phase}, round {round_index + 1}/{rounds}: {candidate.name}")
-                sync(env.device)
-                faults, start = minor_page_faults(), time.perf_counter()
-                tokens, useful, data_wait = candidate.step()
-                sync(env.device)
-                if round_index >= cfg.bench.warmup_steps:
-                    candidate.timings.setdefault(phase, Timing()).add(time.perf_counter() - start, tokens, useful, data_wait, minor_page_faults() - faults)
-                progress.advance(task)
-            if tracker is not None:  # what a log interval costs the trainer: reading the values, the hook, a round trip to the store, the display
-                start = time.perf_counter()
-                row = {name: value.item() for name, value in candidates[0].last.items()} | {"train/lr": cfg.train.lr}
-                tracker.on_metrics([(state.step, row)])
-                tracker.flush(force=True)
-                progress.update(task, description=f"round {round_index + 1}/{rounds}: loss {row['train/loss']:.3f}")
-                hook_times.append(time.perf_counter() - start)
-            for p, sizes in ceilings.items():
-                for size in sizes:
-                    sizes[size].append(measure_matmul_flops(autocast_dtype(p) or torch.float32, env.device, size=size, repeats=3))
+        time_phase(cfg, env, candidates, phase, progress, task, between_rounds)
     return hook_times
+
+
+def time_phase(cfg: DictConfig, env: distributed.DistEnv, candidates: list[Candidate], phase: str, progress: Progress, task,
+               between_rounds: Callable[[int], None] = lambda round_index: None) -> None:
+    """`bench.warmup_steps` + `bench.steps` rounds of one step per candidate; the rounds after the warm-up are kept under `phase`."""
+    rounds = cfg.bench.warmup_steps + cfg.bench.steps
+    for round_index in range(rounds):
+        for candidate in candidates:
+            progress.update(task, description=f"{phase}, round {round_index + 1}/{rounds}: {candidate.name}")
+            sync(env.device)
+            faults, start = minor_page_faults(), time.perf_counter()
+            tokens, useful, data_wait = candidate.step()
+            sync(env.device)
+            if round_index >= cfg.bench.warmup_steps:
+                candidate.timings.setdefault(phase, Timing()).add(time.perf_counter() - start, tokens, useful, data_wait, minor_page_faults() - faults)
+            progress.advance(task)
+        between_rounds(round_index)
+
+
+def time_under_load(cfg: DictConfig, env: distributed.DistEnv, candidates: list[Candidate], progress: Progress, task) -> list[str]:
+    """Our step as trained and the Llama loops again, beside each `bench.load`; returns the phase names, one per load."""
+    timed = [candidates[0]] + [c for c in candidates if c.name.startswith("llama")]
+    phases = []
+    for kind in cfg.bench.load:
+        progress.update(task, description=f"starting the {kind} load")
+        with background_load.running(kind, cfg) as processes:
+            phase = f"{LOADED} {kind}: {processes} process{'es' if processes > 1 else ''}"
+            time_phase(cfg, env, timed, phase, progress, task)
+        phases.append(phase)
+    return phases
 
 
 # ----------------------------------------------------------------------------- the report
@@ -388,12 +419,100 @@ def rows(result: BenchResult, phase: str | None = None) -> list[dict]:
     return out
 
 
+def load_rows(result: BenchResult) -> list[dict]:
+    """Per candidate timed under load: its median alone (the trainer's allocator) and, per load, median, min, max and slowdown."""
+    out = []
+    for c in result.candidates:
+        if not all(phase in c.timings for phase in result.load_phases) or not result.load_phases:
+            continue
+        alone = statistics.median(c.timings[result.phases[-1]].seconds)
+        loads = {}
+        for phase in result.load_phases:
+            seconds = c.timings[phase].seconds
+            loads[phase] = {"step_s": statistics.median(seconds), "step_range": (min(seconds), max(seconds)),
+                            "slowdown": statistics.median(seconds) / alone}
+        out.append({"candidate": c.name, "alone_s": alone, "alone_range": (min(c.timings[result.phases[-1]].seconds), max(c.timings[result.phases[-1]].seconds)),
+                    "loads": loads})
+    return out
+
+
+def load_kind(phase: str) -> str:
+    """'beside spinners: 2 processes' -> 'spinners'."""
+    return phase.removeprefix(LOADED).strip().split(":")[0]
+
+
+def load_table(result: BenchResult) -> list[str]:
+    """The report's table of step times beside each background load, with the slowdowns."""
+    if not result.load_phases:
+        return []
+    header = " | ".join(f"{phase}: step s, median (min–max) | slowdown" for phase in result.load_phases)
+    lines = [
+        "**Beside background load** (started before and stopped after each table column; freed memory kept for reuse). "
+        "Slowdown: the median step under load over the median alone; lower is more graceful:",
+        "",
+        f"| candidate | alone: step s, median (min–max) | {header} |",
+        "|---|---|" + "---|---|" * len(result.load_phases),
+    ]
+    for r in load_rows(result):
+        lo, hi = r["alone_range"]
+        cells = " | ".join(f"{v['step_s']:.3f} ({v['step_range'][0]:.3f}–{v['step_range'][1]:.3f}) | {v['slowdown']:.2f}×" for v in r["loads"].values())
+        lines.append(f"| {r['candidate']} | {r['alone_s']:.3f} ({lo:.3f}–{hi:.3f}) | {cells} |")
+    return lines + [""]
+
+
+def precision_line(results: list[BenchResult]) -> list[str]:
+    """Where the report covers several precisions: does `train.precision=auto` pick the faster one for our step?"""
+    step = {r.shape["precision"]: statistics.median(r.candidates[0].timings[r.phases[-1]].seconds) for r in results}
+    if len(step) < 2:
+        return []
+    auto = resolve_precision("auto", torch.device(results[0].device_type))
+    times = ", ".join(f"{seconds:.3f} s in {p}" for p, seconds in sorted(step.items(), key=lambda kv: kv[1]))
+    verdict = "the faster" if step.get(auto) == min(step.values()) else "NOT the faster"
+    return [f"`train.precision=auto` picks {auto} here, {verdict} one for our step: {times}.", ""]
+
+
+def phase_table(result: BenchResult, phase: str) -> list[str]:
+    """The report's table of every candidate under one allocator setting."""
+    lines = [
+        f"**{phase}**" + (" (peak memory: measured after the timed rounds, with the trainer's setting)" if phase == DEFAULT_ALLOCATOR else "") + ":",
+        "",
+        "| candidate | step s: median (min–max) | tokens/s | useful tokens/s | × llama | MFU (measured ceiling) | MFU (train/mfu peak) | peak memory MiB | data wait | page faults |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows(result, phase):
+        lo, hi = r["step_range"]
+        lines.append(
+            f"| {r['candidate']} | {r['step_s']:.3f} ({lo:.3f}–{hi:.3f}) | {r['tokens_per_sec']:,.0f} | {r['useful_tokens_per_sec']:,.0f} ({r['useful_share']:.0%}) "
+            f"| {r['vs_llama']:.2f} | {r['mfu_measured']:.1%} | {r['mfu_table']:.1%} | {r['peak_mib']:,.0f} | {r['data_wait_share']:.2%} | {r['page_faults']:,.0f} |"
+        )
+    return lines + [""]
+
+
+def profile_table(candidate: Candidate) -> list[str]:
+    """The report's torch.profiler breakdown of one step of `candidate`, where it was profiled."""
+    if not candidate.profile:
+        return []
+    total = sum(seconds for _, seconds, _ in candidate.profile)
+    lines = ["", f"Profile of one step of **{candidate.name}** (torch.profiler, self time; {total:.2f} s in all, profiler overhead included):", "",
+             "| operator | self s | share | calls |", "|---|---|---|---|"]
+    lines += [f"| {name[:70]} | {seconds:.3f} | {seconds / total:.1%} | {calls} |" for name, seconds, calls in candidate.profile[:PROFILE_ROWS]]
+    rest = sum(seconds for _, seconds, _ in candidate.profile[PROFILE_ROWS:])
+    return lines + [f"| everything else | {rest:.3f} | {rest / total:.1%} | |"]
+
+
+def cpu_line() -> str:
+    """Which instruction sets decide the precision on this CPU, what `auto` picks, and how the threads are set up."""
+    features = ", ".join(name + (" yes" if present else " no") for name, present in cpu_features().items())
+    return f"CPU: {cpu_name()}; {features}; `train.precision=auto` picks {resolve_precision('auto', torch.device('cpu'))} on it. {threading_summary()}"
+
+
 def markdown(results: list[BenchResult], command: str, notes: str = "") -> str:
     first = results[0]
     lines = [
         f"# Training throughput on {first.device}",
         "",
         f"Measured {datetime.date.today().isoformat()} with torch {torch.__version__} by `{command}`.",
+        cpu_line() if first.device_type == "cpu" else f"Host CPU: {cpu_name()}.",
         "Candidates ran round-robin in one process; each figure is the median of the measured rounds (warm-up rounds dropped).",
         "MFU counts 6N + 12·L·H·Q·T FLOPs per token (N: matmul weights, L layers, H heads, Q head dim, T sequence) over all tokens processed.",
         "Useful tokens are those that carry loss. × llama: useful tokens/s over those of the plain `llama` loop as a script runs it "
@@ -413,35 +532,22 @@ def markdown(results: list[BenchResult], command: str, notes: str = "") -> str:
             f"Matmul ceiling (median, best size): {ceilings}. Peak used by training runs for train/mfu: {result.table_peak_flops / 1e12:.3f} TFLOP/s.",
             "",
         ]
+        if result.device_type == "cpu" and result.phases[0] != DEFAULT_ALLOCATOR:
+            lines += ["× llama here is against the plain Llama loop WITH the trainer's memory setting: glibc's defaults can only be timed "
+                      "first in a fresh process (run this precision alone, e.g. `python run.py exp=bench train.precision=fp32`).", ""]
         for phase in result.phases:
-            lines += [
-                f"**{phase}**" + (" (peak memory: measured after the timed rounds, with the trainer's setting)" if phase == DEFAULT_ALLOCATOR else "") + ":",
-                "",
-                "| candidate | step s (min–max) | tokens/s | useful tokens/s | × llama | MFU (measured ceiling) | MFU (train/mfu peak) | peak memory MiB | data wait | page faults |",
-                "|---|---|---|---|---|---|---|---|---|---|",
-            ]
-            for r in rows(result, phase):
-                lo, hi = r["step_range"]
-                lines.append(
-                    f"| {r['candidate']} | {r['step_s']:.3f} ({lo:.3f}–{hi:.3f}) | {r['tokens_per_sec']:,.0f} | {r['useful_tokens_per_sec']:,.0f} ({r['useful_share']:.0%}) "
-                    f"| {r['vs_llama']:.2f} | {r['mfu_measured']:.1%} | {r['mfu_table']:.1%} | {r['peak_mib']:,.0f} | {r['data_wait_share']:.2%} | {r['page_faults']:,.0f} |"
-                )
-            lines.append("")
+            lines += phase_table(result, phase)
+        lines += load_table(result)
         for c in result.candidates:
-            if c.profile:
-                total = sum(seconds for _, seconds, _ in c.profile)
-                lines += ["", f"Profile of one step of **{c.name}** (torch.profiler, self time; {total:.2f} s in all, profiler overhead included):", "",
-                          "| operator | self s | share | calls |", "|---|---|---|---|"]
-                top = c.profile[:PROFILE_ROWS]
-                lines += [f"| {name[:70]} | {seconds:.3f} | {seconds / total:.1%} | {calls} |" for name, seconds, calls in top]
-                rest = sum(seconds for _, seconds, _ in c.profile[PROFILE_ROWS:])
-                lines.append(f"| everything else | {rest:.3f} | {rest / total:.1%} | |")
-        lines += [
-            "",
-            f"Tracking: one log interval's MLflow logging (hook, forced round trip to the store) and progress update took "
-            f"{result.tracking_ms_per_flush:.1f} ms: {result.tracking_share:.3%} of the time of the train.log_every steps it covers.",
-            "",
-        ]
+            lines += profile_table(c)
+        if result.tracking_share == result.tracking_share:  # timed with the report's first variant
+            lines += [
+                "",
+                f"Tracking: one log interval's MLflow logging (hook, forced round trip to the store) and progress update took "
+                f"{result.tracking_ms_per_flush:.1f} ms: {result.tracking_share:.3%} of the time of the train.log_every steps it covers.",
+                "",
+            ]
+    lines += precision_line(results)
     if notes:
         lines += [notes.strip(), ""]
     return "\n".join(lines)
@@ -457,7 +563,8 @@ def print_table(result: BenchResult, console: Console) -> None:
                       f"{r['peak_mib']:,.0f}", f"{r['data_wait_share']:.2%}")
     console.print(table)
     ceilings = ", ".join(f"{p} {flops / 1e12:.3f} TFLOP/s" for p, (flops, _) in result.matmul_flops.items())
-    console.print(f"matmul ceiling: {ceilings}; tracking + progress: {result.tracking_share:.3%} of step time")
+    tracking = f"; tracking + progress: {result.tracking_share:.3%} of step time" if result.tracking_share == result.tracking_share else ""
+    console.print(f"matmul ceiling: {ceilings}{tracking}")
 
 
 def slug(text: str, separator: str = "_") -> str:
@@ -469,7 +576,8 @@ def metrics_of(result: BenchResult, prefix: str = "bench") -> dict[str, float]:
     """Flat {name: value} for MLflow: bench/<candidate>/<figure> for the trainer's allocator setting, and
     bench/default_allocator/<candidate>/<figure> for glibc's defaults where that was timed too."""
     out = {f"{prefix}/matmul_{p}_tflops": flops / 1e12 for p, (flops, _) in result.matmul_flops.items()}
-    out[f"{prefix}/tracking_share"] = result.tracking_share
+    if result.tracking_share == result.tracking_share:  # not NaN: timed in this variant
+        out[f"{prefix}/tracking_share"] = result.tracking_share
     for phase in result.phases:
         phase_prefix = prefix if phase == result.phases[-1] else f"{prefix}/default_allocator"
         for r in rows(result, phase):
@@ -477,6 +585,10 @@ def metrics_of(result: BenchResult, prefix: str = "bench") -> dict[str, float]:
             for name in ("step_s", "tokens_per_sec", "useful_tokens_per_sec", "vs_llama", "mfu_measured", "peak_mib", "data_wait_share"):
                 if r[name] == r[name]:  # not NaN
                     out[f"{phase_prefix}/{key}/{name}"] = r[name]
+    for r in load_rows(result):
+        for phase, figures in r["loads"].items():
+            out[f"{prefix}/load_{load_kind(phase)}/{slug(r['candidate'])}/step_s"] = figures["step_s"]
+            out[f"{prefix}/load_{load_kind(phase)}/{slug(r['candidate'])}/slowdown"] = figures["slowdown"]
     return out
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import platform
 import shutil
 import sysconfig
@@ -51,6 +52,12 @@ def cpu_flags() -> frozenset[str]:
 def cpu_has_fast_bf16() -> bool:
     flags = cpu_flags()
     return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def cpu_features() -> dict[str, bool]:
+    """The instruction sets that decide which precision trains fast on this CPU."""
+    flags = cpu_flags()
+    return {"AVX2": "avx2" in flags, "AVX-512": "avx512f" in flags, "AVX-512 BF16": "avx512_bf16" in flags, "AMX": "amx_bf16" in flags}
 
 
 def cpu_name() -> str:
@@ -97,6 +104,12 @@ def can_compile_cpu_kernels() -> bool:
     """torch.compile on a CPU builds C++ extensions: it needs g++ and the Python headers."""
     headers = Path(sysconfig.get_paths()["include"]) / "Python.h"
     return shutil.which("g++") is not None and headers.exists()
+
+
+def threading_summary() -> str:
+    """How this process's CPU kernels share the cores, for reports."""
+    settings = [f"{name}={os.environ[name]}" for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME") if name in os.environ]
+    return f"{torch.get_num_threads()} torch threads on {len(os.sched_getaffinity(0))} cores; OpenMP waiting: {', '.join(settings) or 'defaults'}."
 
 
 def keep_freed_memory() -> None:

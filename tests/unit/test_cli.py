@@ -1,6 +1,10 @@
 """run.py as a user types it: listings, and one clear line with exit status 2 for bad input."""
 
-from conftest import assert_one_line_error, run_cli
+import os
+import subprocess
+import sys
+
+from conftest import REPO, assert_one_line_error, run_cli
 
 
 def test_list_shows_experiments_with_descriptions():
@@ -43,3 +47,16 @@ def test_impossible_values_are_caught_before_work():
     assert_one_line_error(run_cli("model.num_attention_heads=5"), "model.num_attention_heads (5) must divide model.hidden_size")
     assert_one_line_error(run_cli("model.num_key_value_heads=3"), "model.num_key_value_heads (3) must divide")
     assert_one_line_error(run_cli("train.precision=fp16", "train.device=cpu"), "fp16 needs a CUDA device")
+
+
+def openmp_settings(env: dict) -> str:
+    """What OpenMP would read in a process started by run.py, and whether torch was imported before that was set."""
+    code = "import os, sys, run; print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'), 'torch' in sys.modules)"
+    full_env = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")} | env
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, env=full_env, capture_output=True, text=True, check=True).stdout.split()
+
+
+def test_openmp_threads_spin_briefly_unless_the_user_says_otherwise():
+    assert openmp_settings({}) == ["20000", "None", "False"]  # set before torch (and OpenMP) is loaded
+    assert openmp_settings({"OMP_WAIT_POLICY": "ACTIVE"}) == ["None", "ACTIVE", "False"]
+    assert openmp_settings({"GOMP_SPINCOUNT": "300000"}) == ["300000", "None", "False"]
