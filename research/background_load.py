@@ -13,6 +13,7 @@ really running: the spinners have started and the training process has finished 
 
 from __future__ import annotations
 
+import itertools
 import multiprocessing
 import os
 import signal
@@ -49,10 +50,10 @@ def train_forever(cfg_yaml: str, ready) -> None:
     cfg = from_yaml(cfg_yaml)
     keep_freed_memory()  # as train() runs on a CPU
     run = build(cfg, distributed.setup(cfg.train.device))
-    run.step([run.state.sampler.next_batch() for _ in range(cfg.train.grad_accum)], cfg.train.lr)
-    ready.send("stepping")
-    while True:
+    for step in itertools.count():
         run.step([run.state.sampler.next_batch() for _ in range(cfg.train.grad_accum)], cfg.train.lr)
+        if step == 0:
+            ready.send("stepping")
 
 
 @contextmanager

@@ -70,11 +70,17 @@ class Timing:
         self.data_wait.append(data_wait)
         self.page_faults.append(page_faults)
 
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    def range(self) -> tuple[float, float]:
+        return min(self.seconds), max(self.seconds)
+
     def tokens_per_sec(self) -> float:
-        return statistics.median(self.tokens) / statistics.median(self.seconds)
+        return statistics.median(self.tokens) / self.median()
 
     def useful_tokens_per_sec(self) -> float:
-        return statistics.median(self.useful) / statistics.median(self.seconds)
+        return statistics.median(self.useful) / self.median()
 
 
 @dataclass
@@ -292,7 +298,7 @@ def run_benchmark(cfg: DictConfig, label: str = "", tracker=None) -> BenchResult
     for p, sizes in ceilings.items():
         best = max(sizes, key=lambda s: statistics.median(sizes[s]))
         matmul[p] = (statistics.median(sizes[best]), best)
-    step_seconds = statistics.median(candidates[0].timings[phases[-1]].seconds)
+    step_seconds = candidates[0].timings[phases[-1]].median()
     flush_seconds = statistics.median(hook_times) if hook_times else 0.0
     m = run.model_config
     shape = {"parameters": num_params(run.state.model), "vocab": m.vocab_size, "hidden": m.hidden_size, "layers": m.num_hidden_layers,
@@ -404,8 +410,8 @@ def rows(result: BenchResult, phase: str | None = None) -> list[dict]:
         t = c.timings[phase]
         out.append({
             "candidate": c.name,
-            "step_s": statistics.median(t.seconds),
-            "step_range": (min(t.seconds), max(t.seconds)),
+            "step_s": t.median(),
+            "step_range": t.range(),
             "tokens_per_sec": t.tokens_per_sec(),
             "useful_tokens_per_sec": t.useful_tokens_per_sec(),
             "vs_llama": t.useful_tokens_per_sec() / ref.useful_tokens_per_sec() if ref else float("nan"),
@@ -423,16 +429,12 @@ def load_rows(result: BenchResult) -> list[dict]:
     """Per candidate timed under load: its median alone (the trainer's allocator) and, per load, median, min, max and slowdown."""
     out = []
     for c in result.candidates:
-        if not all(phase in c.timings for phase in result.load_phases) or not result.load_phases:
+        if not result.load_phases or not all(phase in c.timings for phase in result.load_phases):
             continue
-        alone = statistics.median(c.timings[result.phases[-1]].seconds)
-        loads = {}
-        for phase in result.load_phases:
-            seconds = c.timings[phase].seconds
-            loads[phase] = {"step_s": statistics.median(seconds), "step_range": (min(seconds), max(seconds)),
-                            "slowdown": statistics.median(seconds) / alone}
-        out.append({"candidate": c.name, "alone_s": alone, "alone_range": (min(c.timings[result.phases[-1]].seconds), max(c.timings[result.phases[-1]].seconds)),
-                    "loads": loads})
+        alone = c.timings[result.phases[-1]]
+        loads = {phase: {"step_s": c.timings[phase].median(), "step_range": c.timings[phase].range(),
+                         "slowdown": c.timings[phase].median() / alone.median()} for phase in result.load_phases}
+        out.append({"candidate": c.name, "alone_s": alone.median(), "alone_range": alone.range(), "loads": loads})
     return out
 
 
@@ -462,7 +464,7 @@ def load_table(result: BenchResult) -> list[str]:
 
 def precision_line(results: list[BenchResult]) -> list[str]:
     """Where the report covers several precisions: does `train.precision=auto` pick the faster one for our step?"""
-    step = {r.shape["precision"]: statistics.median(r.candidates[0].timings[r.phases[-1]].seconds) for r in results}
+    step = {r.shape["precision"]: r.candidates[0].timings[r.phases[-1]].median() for r in results}
     if len(step) < 2:
         return []
     auto = resolve_precision("auto", torch.device(results[0].device_type))
