@@ -25,13 +25,12 @@ OVERRIDES = {
 
 
 def main(cfg):
-    import torch
-
     from research.benchmark import run_bench
+    from research.distributed import pick_device
     from research.hardware import resolve_precision
 
     variants = [("", {})]
-    on_cpu = cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
-    if on_cpu and cfg.train.precision == "auto" and resolve_precision("auto", torch.device("cpu")) != "fp32":
+    device = pick_device(cfg.train.device)
+    if device.type == "cpu" and cfg.train.precision == "auto" and resolve_precision("auto", device) != "fp32":
         variants.append(("", {"train.precision": "fp32", "bench.load": []}))  # what any CPU can run
     return run_bench(cfg, variants)

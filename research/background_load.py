@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import itertools
 import multiprocessing
-import os
 import signal
 import sys
 from contextlib import contextmanager
@@ -27,11 +26,6 @@ from research.errors import UserError
 
 READY_TIMEOUT_S = 600  # the training load builds its data, model and compiled graphs before its first step
 STOP_TIMEOUT_S = 60  # ... and finishes the step in flight when stopped
-
-
-def cores() -> int:
-    """Cores this process may run on (its affinity mask, which a container or taskset narrows)."""
-    return len(os.sched_getaffinity(0))
 
 
 def spin() -> None:
@@ -60,12 +54,13 @@ def train_forever(cfg_yaml: str, ready) -> None:
 def running(kind: str, cfg: DictConfig):
     """Run the `kind` of load beside the block; stopped when the block ends, however it ends."""
     from research.config import to_yaml
+    from research.hardware import usable_cores  # here, not at the top: a spinner process need not load torch
 
     context = multiprocessing.get_context("spawn")
     processes = []
     try:
         if kind == "spinners":
-            processes = [context.Process(target=spin, daemon=True) for _ in range(cores())]
+            processes = [context.Process(target=spin, daemon=True) for _ in range(usable_cores())]
             for process in processes:
                 process.start()
         else:

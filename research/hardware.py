@@ -106,10 +106,15 @@ def can_compile_cpu_kernels() -> bool:
     return shutil.which("g++") is not None and headers.exists()
 
 
+def usable_cores() -> int:
+    """Cores this process may run on: its affinity mask, which a container or taskset narrows."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def threading_summary() -> str:
     """How this process's CPU kernels share the cores, for reports."""
     settings = [f"{name}={os.environ[name]}" for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME") if name in os.environ]
-    return f"{torch.get_num_threads()} torch threads on {len(os.sched_getaffinity(0))} cores; OpenMP waiting: {', '.join(settings) or 'defaults'}."
+    return f"{torch.get_num_threads()} torch threads on {usable_cores()} cores; OpenMP waiting: {', '.join(settings) or 'defaults'}."
 
 
 def keep_freed_memory() -> None:

@@ -78,9 +78,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
 
 def resolve_workers(workers: int) -> int:
     """data.workers: 0 means one per CPU core this process may use."""
-    if workers > 0:
-        return workers
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from research.hardware import usable_cores  # hardware imports torch; this module otherwise does not
+
+    return workers if workers > 0 else usable_cores()
 
 
 def open_token_cache(path: Any, tokenizer, text_key: str = "text", skip_bad_lines: bool = False, cache_dir: str | Path = "results/cache",
