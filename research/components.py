@@ -32,6 +32,7 @@ class Components:
     tokenizer: Any
     train_ds: Any
     val_ds: Any
+    test_ds: Any  # None without a test split
     data_info: DataInfo
     model_config: MiniMindConfig
     state: TrainState
@@ -55,7 +56,7 @@ def build(cfg: DictConfig, env: distributed.DistEnv) -> Components:
     if len(tokenizer) > cfg.model.vocab_size:
         raise UserError(f"tokenizer at {cfg.data.tokenizer} has {len(tokenizer)} tokens but model.vocab_size={cfg.model.vocab_size}; set model.vocab_size>={len(tokenizer)}")
     with distributed.rank_zero_first(env):  # rank 0 builds the token cache, the others then read it
-        train_ds, val_ds, data_info = build_datasets(cfg.data, tokenizer)
+        train_ds, val_ds, test_ds, data_info = build_datasets(cfg.data, tokenizer)
     sampler = BatchSampler(train_ds, cfg.train.batch_size, seed=cfg.seed, rank=env.rank, world_size=env.world_size)
 
     seed_everything(cfg.seed)  # every rank starts from the same weights
@@ -77,4 +78,4 @@ def build(cfg: DictConfig, env: distributed.DistEnv) -> Components:
     if env.is_distributed:
         forward_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     step = StepRunner(state, forward_model, amp, cfg.train.grad_clip, env, SkippedSteps(cfg.train.max_skipped_steps))
-    return Components(tokenizer, train_ds, val_ds, data_info, config, state, step, precision, amp, compiled)
+    return Components(tokenizer, train_ds, val_ds, test_ds, data_info, config, state, step, precision, amp, compiled)

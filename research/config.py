@@ -29,6 +29,7 @@ class DataConfig:
     seq_len: int = 256  # tokens per training sequence (the model sees seq_len, predicts seq_len)
     packing: bool = True  # true: join documents with EOS into full windows; false: one padded document per row
     val_fraction: float = 0.05  # share of documents held out for validation (a fixed split, whatever the seed)
+    test_fraction: float = 0.05  # share held out for the test loss at the end, which no selection reads; 0 = no test split
     skip_bad_lines: bool = False  # skip malformed JSON lines (and count them) instead of stopping
     cache_dir: str = "results/cache"  # where tokenized corpora are cached, keyed by data + tokenizer digest
     workers: int = 0  # processes tokenizing the corpus into the cache; 0 = one per CPU core
@@ -71,6 +72,7 @@ class TrainConfig:
     threads: int = 0  # torch intra-op threads on CPU; 0 = torch's default
     eval_every: int = 100  # steps between validation passes; 0 = only at the end
     eval_batches: int = 20  # validation batches per pass
+    test_batches: int = 100  # test batches evaluated once at the end (the first ones: a fixed set); 0 = the whole test split
     log_every: int = 10  # steps between progress updates and metric flushes
     checkpoint_every: int = 0  # steps between checkpoints; 0 = only at the end
     keep_checkpoints: int = 2  # checkpoints kept per run
@@ -217,6 +219,7 @@ def from_yaml(text: str) -> DictConfig:
         model = loaded.get("model", {})
         loaded["model"] = {RENAMED_MODEL_KEYS.get(key, key): value for key, value in model.items()}
         loaded.setdefault("train", {}).setdefault("adamw", "foreach")  # what runs logged before the key trained with
+        loaded.setdefault("data", {}).setdefault("test_fraction", 0.0)  # ... and they had no test split: train on what they trained on
         return OmegaConf.merge(cfg, loaded)
     except OmegaConfBaseException as err:
         raise UserError(f"logged config does not fit this version's schema: {str(err).splitlines()[0]}") from None
@@ -265,6 +268,9 @@ def validate(cfg: DictConfig) -> None:
         (d.seq_len <= m.max_position_embeddings,
          f"data.seq_len ({d.seq_len}) exceeds model.max_position_embeddings ({m.max_position_embeddings}); lower data.seq_len or raise the model maximum"),
         (0.0 < d.val_fraction < 1.0, f"data.val_fraction must be in (0, 1), got {d.val_fraction}"),
+        (0.0 <= d.test_fraction and d.val_fraction + d.test_fraction < 1.0,
+         f"data.test_fraction must be >= 0 and leave documents to train on (val + test < 1), got {d.test_fraction} with data.val_fraction={d.val_fraction}"),
+        (t.test_batches >= 0, f"train.test_batches must be >= 0 (0 = the whole test split), got {t.test_batches}"),
         (d.workers >= 0, f"data.workers must be >= 0 (0 = one per CPU core), got {d.workers}"),
         (isinstance(d.path, str) or (isinstance(d.path, Sequence) and all(isinstance(p, str) for p in d.path)),
          f"data.path must be a path, a glob or a list of them, got {d.path!r}"),

@@ -1,7 +1,7 @@
 """From a JSONL corpus to reproducible training batches.
 
     shards (.jsonl / .jsonl.gz, see corpus.py)  ->  token cache (token_cache.py: memmap, built once, in parallel)
-        ->  fixed train/val split by document  ->  Packed or Padded dataset
+        ->  fixed train/val/test split by document  ->  Packed or Padded dataset
         ->  BatchSampler (seeded, resumable, rank-sliced) / eval_batches
 
 Every document is tokenized once into `<cache_dir>/<key>/tokens.bin` as
@@ -32,21 +32,29 @@ from research.token_cache import TokenCache, clean_stale_temps, env_var, open_to
 from research.tokenizer import tokenizer_digest, tokens_per_char, train_tokenizer
 
 COPY_CHUNK = 1 << 24  # tokens per copy when writing a split's stream
-SPLIT_SEED = 0  # the validation split never depends on the training seed
+SPLIT_SEED = 0  # the validation and test splits never depend on the training seed
 TOKENIZER_SAMPLE_BYTES = 100_000_000  # text a tokenizer is trained on by default: enough for a small vocabulary, minutes not hours
 
 
 # -----------------------------------------------------------------------------
-# the validation split
+# the validation and test splits
 
 
-def split_documents(n_docs: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """(train doc ids, val doc ids), both sorted: a fixed random share of documents, whatever the seed."""
-    if n_docs < 2:
-        raise UserError(f"the corpus has {n_docs} document(s); a train/validation split needs at least 2 (one JSON line per document)")
-    n_val = min(max(1, round(val_fraction * n_docs)), n_docs - 1)
+def split_documents(n_docs: int, val_fraction: float, test_fraction: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(train, val, test doc ids), each sorted: fixed random shares of documents, whatever the seed.
+
+    Documents are numbered across all shards, so a document is in exactly one split. The validation
+    documents are the same with or without a test split (the test share is taken from training),
+    so val losses of runs logged before `data.test_fraction` existed stay comparable.
+    """
+    n_test = max(1, round(test_fraction * n_docs)) if test_fraction > 0 else 0
+    if n_docs < 2 + (n_test > 0):
+        raise UserError(f"the corpus has {n_docs} document(s); a train/validation{'/test' if n_test else ''} split needs at least "
+                        f"{2 + (n_test > 0)} (one JSON line per document{'; data.test_fraction=0 needs one fewer' if n_test else ''})")
+    n_val = min(max(1, round(val_fraction * n_docs)), n_docs - 1 - (n_test > 0))
+    n_test = min(n_test, n_docs - 1 - n_val)
     order = np.random.default_rng(SPLIT_SEED).permutation(n_docs)
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
+    return np.sort(order[n_val + n_test:]), np.sort(order[:n_val]), np.sort(order[n_val:n_val + n_test])
 
 
 def split_stream(cache: TokenCache, doc_ids: np.ndarray) -> np.memmap:
@@ -159,8 +167,10 @@ class DataInfo:
     n_docs: int
     n_train_docs: int
     n_val_docs: int
+    n_test_docs: int
     train_tokens: int
     val_tokens: int
+    test_tokens: int
     train_items: int  # windows (packed) or documents (padded)
     val_items: int
     skipped_lines: int
@@ -170,28 +180,38 @@ class DataInfo:
         return asdict(self)
 
 
-def build_datasets(data_cfg, tokenizer) -> tuple[PackedDataset | PaddedDataset, PackedDataset | PaddedDataset, DataInfo]:
-    """(train, val, info) for a DataConfig: tokenize once (cached), split by document, pack or pad."""
+Dataset = PackedDataset | PaddedDataset
+
+
+def build_datasets(data_cfg, tokenizer) -> tuple[Dataset, Dataset, Dataset | None, DataInfo]:
+    """(train, val, test, info) for a DataConfig: tokenize once (cached), split by document, pack or pad.
+
+    test is None when `data.test_fraction` is 0 (runs logged before the key existed).
+    """
     cache = open_token_cache(data_cfg.path, tokenizer, data_cfg.text_key, data_cfg.skip_bad_lines, data_cfg.cache_dir, data_cfg.workers)
-    train_ids, val_ids = split_documents(cache.n_docs, data_cfg.val_fraction)
+    train_ids, val_ids, test_ids = split_documents(cache.n_docs, data_cfg.val_fraction, data_cfg.test_fraction)
     seq_len = data_cfg.seq_len
-    if data_cfg.packing:
-        train = PackedDataset(split_stream(cache, train_ids), seq_len)
-        val = PackedDataset(split_stream(cache, val_ids), seq_len)
-    else:
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else cache.meta["eos_id"]
-        train = PaddedDataset(cache.tokens, cache.doc_offsets, train_ids, seq_len, pad_id)
-        val = PaddedDataset(cache.tokens, cache.doc_offsets, val_ids, seq_len, pad_id)
-    for name, ds, fix in [("training", train, "lower data.seq_len or data.val_fraction"), ("validation", val, "lower data.seq_len or raise data.val_fraction")]:
-        if len(ds) == 0:
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else cache.meta["eos_id"]
+
+    def dataset(doc_ids: np.ndarray) -> Dataset:
+        if data_cfg.packing:
+            return PackedDataset(split_stream(cache, doc_ids), seq_len)
+        return PaddedDataset(cache.tokens, cache.doc_offsets, doc_ids, seq_len, pad_id)
+
+    train, val = dataset(train_ids), dataset(val_ids)
+    test = dataset(test_ids) if len(test_ids) else None
+    checks = [("training", train, "lower data.seq_len, data.val_fraction or data.test_fraction"),
+              ("validation", val, "lower data.seq_len or raise data.val_fraction"), ("test", test, "lower data.seq_len or raise data.test_fraction")]
+    for name, ds, fix in checks:
+        if ds is not None and len(ds) == 0:
             raise UserError(f"the {name} split has {ds.n_tokens} tokens, fewer than one sequence of data.seq_len + 1 = {seq_len + 1}; {fix}, or use a larger corpus")
     info = DataInfo(
         data_digest=cache.meta["data_digest"], tokenizer_digest=cache.meta["tokenizer_digest"], cache_path=str(cache.folder),
-        cache_hit=cache.hit, n_docs=cache.n_docs, n_train_docs=len(train_ids), n_val_docs=len(val_ids),
-        train_tokens=cache.doc_tokens(train_ids), val_tokens=cache.doc_tokens(val_ids), train_items=len(train),
-        val_items=len(val), skipped_lines=cache.meta["skipped_lines"], vocab_size=len(tokenizer),
+        cache_hit=cache.hit, n_docs=cache.n_docs, n_train_docs=len(train_ids), n_val_docs=len(val_ids), n_test_docs=len(test_ids),
+        train_tokens=cache.doc_tokens(train_ids), val_tokens=cache.doc_tokens(val_ids), test_tokens=cache.doc_tokens(test_ids),
+        train_items=len(train), val_items=len(val), skipped_lines=cache.meta["skipped_lines"], vocab_size=len(tokenizer),
     )
-    return train, val, info
+    return train, val, test, info
 
 
 # -----------------------------------------------------------------------------

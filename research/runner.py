@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shlex
 import sys
 from typing import Sequence
@@ -71,7 +72,8 @@ def print_run_header(cfg: DictConfig, run_id: str) -> None:
 def report(cfg: DictConfig, result: TrainResult) -> None:
     """Where to look once a run is done."""
     console = Console()
-    console.print(f"\n[bold]done[/] in {result.wall_time_s:.0f}s: {result.steps} steps, {result.tokens_seen:,} tokens, final val loss [bold]{result.final_val_loss:.3f}[/]")
+    console.print(f"\n[bold]done[/] in {result.wall_time_s:.0f}s: {result.steps} steps, {result.tokens_seen:,} tokens, final val loss [bold]{result.final_val_loss:.3f}[/]"
+                  + (f", test loss [bold]{result.final_test_loss:.3f}[/]" if math.isfinite(result.final_test_loss) else ""))
     for prompt, text in result.samples[:2]:
         console.print(f"[dim]sample:[/] {text[:300]!r}")
     run_id = getattr(result, "run_id", None)

@@ -68,6 +68,7 @@ class RunInfo:
 @dataclass
 class TrainResult:
     final_val_loss: float
+    final_test_loss: float  # NaN without a test split (data.test_fraction=0)
     steps: int
     tokens_seen: int
     wall_time_s: float
@@ -140,8 +141,12 @@ def run_training(cfg: DictConfig, hooks: Sequence[Hooks], stop: StopSignal) -> T
         console.print(f"{stop.name}: stopped after step {state.step} of {t.max_steps}; {saved}", soft_wrap=True, markup=False)
         raise KeyboardInterrupt
 
+    test_loss = float("nan")
+    if run.test_ds is not None:  # once, after training: nothing during the run (nor a sweep's selection) sees it
+        test_loss = evaluate(state.model, run.test_ds, t, env.device, run.amp, env, max_batches=t.test_batches)
+        log.record_test(state.step, test_loss)
     samples = generate_samples(state.model, run.tokenizer, list(t.samples), t.sample_tokens, cfg.seed, env.device) if env.is_main else []
-    result = TrainResult(val_loss, state.step, state.tokens_seen, time.perf_counter() - started, log.history, samples,
+    result = TrainResult(val_loss, test_loss, state.step, state.tokens_seen, time.perf_counter() - started, log.history, samples,
                          state.model, run.tokenizer, checkpoints.last, derived)
     for hook in hooks:
         hook.on_end(result)
@@ -173,7 +178,7 @@ def derived_quantities(cfg: DictConfig, run: Components, env: distributed.DistEn
         "FLOPs per token": int(flops_per_token(run.model_config, cfg.data.seq_len)),
         "total tokens": tokens_per_step * cfg.train.max_steps,
         "epochs over train split": tokens_per_step * cfg.train.max_steps / max(1, run.data_info.train_tokens),
-        "train / val tokens": f"{run.data_info.train_tokens:,} / {run.data_info.val_tokens:,}",
+        "train / val / test tokens": f"{run.data_info.train_tokens:,} / {run.data_info.val_tokens:,} / {run.data_info.test_tokens:,}",
         "peak FLOP/s (for MFU)": peak,
     }
 

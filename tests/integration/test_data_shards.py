@@ -127,12 +127,12 @@ def test_bad_line_names_its_shard_and_line_whatever_the_workers(tmp_path, texts,
         assert "\n" not in str(err.value)
     assert not list((tmp_path / "c").iterdir())  # nothing half-built left behind
     cfg = DataConfig(path=str(folder), cache_dir=str(tmp_path / "c"), skip_bad_lines=True, workers=2)
-    _, _, info = build_datasets(cfg, tokenizer)
+    _, _, _, info = build_datasets(cfg, tokenizer)
     assert info.skipped_lines == 1 and info.n_docs == 110
 
 
 def test_val_split_is_the_same_share_of_documents_for_any_workers(shards, tokenizer, tmp_path):
-    infos = [build_datasets(DataConfig(path=str(shards), cache_dir=str(tmp_path / f"c{w}"), workers=w), tokenizer)[2] for w in (1, 2)]
+    infos = [build_datasets(DataConfig(path=str(shards), cache_dir=str(tmp_path / f"c{w}"), workers=w), tokenizer)[3] for w in (1, 2)]
     assert infos[0].as_dict() | {"cache_path": ""} == infos[1].as_dict() | {"cache_path": ""}
     assert infos[0].n_val_docs == round(0.05 * infos[0].n_docs)
 

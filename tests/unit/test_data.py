@@ -55,9 +55,9 @@ def encode_doc(tokenizer, text):
 
 
 def test_packed_windows_cover_the_split_exactly(cfg, tokenizer, texts):
-    train, val, info = build_datasets(cfg, tokenizer)
-    train_ids, val_ids = split_documents(len(texts), cfg.val_fraction)
-    for ds, doc_ids in [(train, train_ids), (val, val_ids)]:
+    train, val, test, info = build_datasets(cfg, tokenizer)
+    train_ids, val_ids, test_ids = split_documents(len(texts), cfg.val_fraction, cfg.test_fraction)
+    for ds, doc_ids in [(train, train_ids), (val, val_ids), (test, test_ids)]:
         stream = np.concatenate([encode_doc(tokenizer, texts[d]) for d in doc_ids])
         L = cfg.seq_len
         assert isinstance(ds.tokens, np.memmap) and np.array_equal(ds.tokens, stream)
@@ -72,16 +72,17 @@ def test_packed_windows_cover_the_split_exactly(cfg, tokenizer, texts):
         item = ds[3]
         assert torch.equal(item["input_ids"], x[3]) and torch.equal(item["labels"], y[3])
     assert info.train_tokens == len(train.tokens) and info.val_tokens == len(val.tokens)
-    assert (info.n_docs, info.n_val_docs, info.n_train_docs) == (60, 6, 54)
+    assert (info.n_docs, info.n_val_docs, info.n_test_docs, info.n_train_docs) == (60, 6, 3, 51)  # 10% val, 5% test (the default)
+    assert info.test_tokens == len(test.tokens)
     assert info.vocab_size == 6400 and info.skipped_lines == 0
 
 
 def test_cache_is_reused_not_rebuilt(cfg, tokenizer):
-    _, _, first = build_datasets(cfg, tokenizer)
+    _, _, _, first = build_datasets(cfg, tokenizer)
     tokens_bin = Path(first.cache_path) / "tokens.bin"
     stamp = tokens_bin.stat().st_mtime_ns
     listing = sorted(os.listdir(first.cache_path))
-    _, _, second = build_datasets(cfg, tokenizer)
+    _, _, _, second = build_datasets(cfg, tokenizer)
     assert not first.cache_hit and second.cache_hit
     assert second.cache_path == first.cache_path and tokens_bin.stat().st_mtime_ns == stamp
     assert sorted(os.listdir(first.cache_path)) == listing  # split streams reused too
@@ -89,14 +90,14 @@ def test_cache_is_reused_not_rebuilt(cfg, tokenizer):
 
 
 def test_cache_key_follows_data_tokenizer_and_text_key(cfg, tokenizer, corpus, tmp_path, texts):
-    _, _, base = build_datasets(cfg, tokenizer)
+    _, _, _, base = build_datasets(cfg, tokenizer)
     edited = write_jsonl(tmp_path / "edited.jsonl", [{"text": t} for t in texts[:-1]])
     assert data_digest(edited) != data_digest(corpus)
-    _, _, other_data = build_datasets(DataConfig(**{**cfg.__dict__, "path": str(edited)}), tokenizer)
+    _, _, _, other_data = build_datasets(DataConfig(**{**cfg.__dict__, "path": str(edited)}), tokenizer)
     small = train_tokenizer(iter_documents(corpus), tmp_path / "tok", vocab_size=600)
-    _, _, other_tok = build_datasets(cfg, small)
-    _, _, other_key = build_datasets(DataConfig(**{**cfg.__dict__, "text_key": "title", "seq_len": 2}), tokenizer)
-    _, _, padded = build_datasets(DataConfig(**{**cfg.__dict__, "packing": False}), tokenizer)
+    _, _, _, other_tok = build_datasets(cfg, small)
+    _, _, _, other_key = build_datasets(DataConfig(**{**cfg.__dict__, "text_key": "title", "seq_len": 2}), tokenizer)
+    _, _, _, padded = build_datasets(DataConfig(**{**cfg.__dict__, "packing": False}), tokenizer)
     assert len({base.cache_path, other_data.cache_path, other_tok.cache_path, other_key.cache_path}) == 4
     assert padded.cache_path == base.cache_path  # packing and seq_len do not change the token cache
     assert other_data.n_docs == 59 and other_tok.vocab_size == 600 and other_tok.train_tokens > base.train_tokens
@@ -117,8 +118,8 @@ def minimind_row(tokenizer, text, max_length):
 
 def test_padded_rows_match_minimind(cfg, tokenizer, texts):
     cfg.packing = False
-    train, val, info = build_datasets(cfg, tokenizer)
-    train_ids, val_ids = split_documents(len(texts), cfg.val_fraction)
+    train, val, _, info = build_datasets(cfg, tokenizer)
+    train_ids, val_ids, _ = split_documents(len(texts), cfg.val_fraction, cfg.test_fraction)
     L, bos, eos, pad = cfg.seq_len, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id
     assert (len(train), len(val)) == (len(train_ids), len(val_ids)) == (info.train_items, info.val_items)
     seen_short = seen_long = False
@@ -149,10 +150,10 @@ def test_padded_rows_match_minimind(cfg, tokenizer, texts):
 
 def test_val_split_is_by_document_and_fixed():
     np.random.seed(1)
-    train, val = split_documents(2799, 0.05)
+    train, val, test = split_documents(2799, 0.05)
     np.random.seed(2)
-    train2, val2 = split_documents(2799, 0.05)
-    assert np.array_equal(val, val2) and np.array_equal(train, train2)
+    train2, val2, _ = split_documents(2799, 0.05)
+    assert np.array_equal(val, val2) and np.array_equal(train, train2) and len(test) == 0
     assert len(val) == 140 and not set(train) & set(val) and sorted(set(train) | set(val)) == list(range(2799))
     assert list(val) != list(range(140))  # a random share, not the head of the file
     assert len(split_documents(2, 0.01)[1]) == 1 and len(split_documents(3, 0.9)[0]) == 1  # at least one doc each side
@@ -160,15 +161,28 @@ def test_val_split_is_by_document_and_fixed():
         split_documents(1, 0.1)
 
 
+def test_test_split_is_disjoint_fixed_and_leaves_val_alone():
+    train, val, test = split_documents(2799, 0.05, 0.05)
+    old_train, old_val, _ = split_documents(2799, 0.05)
+    assert np.array_equal(val, old_val)  # runs without a test split validate on the same documents
+    assert len(test) == 140 and set(test) <= set(old_train) and np.array_equal(train, np.setdiff1d(old_train, test))
+    assert not set(train) & set(test) and not set(val) & set(test)
+    assert sorted(set(train) | set(val) | set(test)) == list(range(2799))
+    assert np.array_equal(test, split_documents(2799, 0.05, 0.05)[2])  # whatever the training seed
+    assert [len(part) for part in split_documents(3, 0.01, 0.01)] == [1, 1, 1]  # at least one doc each
+    with pytest.raises(UserError, match="at least 3"):
+        split_documents(2, 0.1, 0.1)
+
+
 def test_val_docs_never_reach_training(cfg, tokenizer, texts):
     cfg.packing = False
-    train, val, _ = build_datasets(cfg, tokenizer)
+    train, val, _, _ = build_datasets(cfg, tokenizer)
     first_tokens = lambda ds: {tuple(r.tolist()) for r in ds.get_batch(np.arange(len(ds)))["input_ids"]}
     assert not first_tokens(train) & first_tokens(val)
 
 
 def test_sampler_resumes_exactly(cfg, tokenizer):
-    train, _, _ = build_datasets(cfg, tokenizer)
+    train, _, _, _ = build_datasets(cfg, tokenizer)
     steps_per_epoch = len(train) // 8
     sampler = BatchSampler(train, batch_size=8, seed=7)
     for _ in range(steps_per_epoch - 2):
@@ -187,7 +201,7 @@ def test_sampler_resumes_exactly(cfg, tokenizer):
 
 
 def test_epochs_follow_the_seeded_permutation(cfg, tokenizer):
-    train, _, _ = build_datasets(cfg, tokenizer)
+    train, _, _, _ = build_datasets(cfg, tokenizer)
     sampler = BatchSampler(train, batch_size=8, seed=3)
     steps = len(train) // 8
     epoch0 = np.concatenate([sampler.next_indices() for _ in range(steps)])
@@ -196,7 +210,7 @@ def test_epochs_follow_the_seeded_permutation(cfg, tokenizer):
 
 
 def test_rank_slices_make_up_the_global_batch(cfg, tokenizer):
-    train, _, _ = build_datasets(cfg, tokenizer)
+    train, _, _, _ = build_datasets(cfg, tokenizer)
     single = BatchSampler(train, batch_size=8, seed=5)
     ranks = [BatchSampler(train, batch_size=4, seed=5, rank=r, world_size=2) for r in range(2)]
     for _ in range(len(train) // 8 + 3):  # across an epoch boundary
@@ -207,7 +221,7 @@ def test_rank_slices_make_up_the_global_batch(cfg, tokenizer):
 
 
 def test_eval_batches_are_fixed(cfg, tokenizer):
-    _, val, _ = build_datasets(cfg, tokenizer)
+    _, val, _, _ = build_datasets(cfg, tokenizer)
     first = list(eval_batches(val, batch_size=4, max_batches=3))
     again = list(eval_batches(val, batch_size=4, max_batches=3))
     assert len(first) == min(3, -(-len(val) // 4))
@@ -275,8 +289,8 @@ def test_skip_bad_lines_skips_and_counts(tmp_path, tokenizer):
     stats = ReadStats()
     assert len(list(iter_documents(path, skip_bad_lines=True, stats=stats))) == 2
     assert (stats.documents, stats.skipped_lines) == (2, 3) and "line 2 of" in stats.first_problem
-    cfg = DataConfig(path=str(path), cache_dir=str(tmp_path / "cache"), seq_len=4, skip_bad_lines=True, val_fraction=0.5)
-    _, _, info = build_datasets(cfg, tokenizer)
+    cfg = DataConfig(path=str(path), cache_dir=str(tmp_path / "cache"), seq_len=4, skip_bad_lines=True, val_fraction=0.5, test_fraction=0.0)
+    _, _, _, info = build_datasets(cfg, tokenizer)
     assert info.skipped_lines == 3 and info.n_docs == 2
     cfg.skip_bad_lines = False  # a cache built while skipping must not make a strict run lenient
     with pytest.raises(UserError, match="line 2 of"):
@@ -287,12 +301,12 @@ def test_skip_bad_lines_skips_and_counts(tmp_path, tokenizer):
 
 def test_too_little_data_says_what_to_lower(tmp_path, tokenizer, cfg):
     one = write_jsonl(tmp_path / "one.jsonl", [{"text": "just one"}])
-    with pytest.raises(UserError, match="at least 2"):
+    with pytest.raises(UserError, match="at least 3 .*data.test_fraction=0 needs one fewer"):
         build_datasets(DataConfig(path=str(one), cache_dir=str(tmp_path / "c1")), tokenizer)
     short = write_jsonl(tmp_path / "short.jsonl", [{"text": "a few words here"}, {"text": "and a few there"}])
     with pytest.raises(UserError, match=r"tokens, fewer than one sequence.*data\.seq_len"):
-        build_datasets(DataConfig(path=str(short), cache_dir=str(tmp_path / "c2"), seq_len=64), tokenizer)
-    train, _, _ = build_datasets(cfg, tokenizer)
+        build_datasets(DataConfig(path=str(short), cache_dir=str(tmp_path / "c2"), seq_len=64, test_fraction=0.0), tokenizer)
+    train, _, _, _ = build_datasets(cfg, tokenizer)
     with pytest.raises(UserError, match=rf"has {len(train)} sequences.*train\.batch_size"):
         BatchSampler(train, batch_size=len(train), seed=0, world_size=2)
 
