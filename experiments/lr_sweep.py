@@ -1,21 +1,29 @@
-"""Optuna study of the baseline's lr, warmup and min-lr ratio at its full budget, confirmed on new seeds: about 30 minutes on 2 CPU cores.
+"""Optuna study of the baseline's lr, warmup and min-lr ratio at its full budget: searched, confirmed and evaluated on separate seeds.
 
-Every trial trains the baseline's own 340 steps, so the best trial's settings are the ones to use
-as they are (warmup is in steps: keep it when training longer). The first trial is the recipe's
-default (lr 3e-3, warmup 20, min-lr ratio 0.1), the reference of the report. Nine more are chosen
-by TPE, and the median pruner stops a trial whose validation loss is worse than the median of
-earlier trials at the same step (checked every 60 steps from step 60). Then the two best
-configurations and the default train again at two more seeds, and the answer is the best mean
-over three seeds, with its gain over the default and whether that gain exceeds the seed noise.
-Compute: at most ~4,400 steps (10 searched trials, about half stopped early, plus 6 confirmations),
-a third of a 5 x 3 grid at three seeds (15,300 steps, exp=lr_grid).
+Every trial trains the baseline's own 340 steps, so the answer's settings are the ones to use as
+they are (warmup is in steps: keep it when training longer). The first trial is the recipe's
+default, then TPE proposes nine more at the search seed, and the median pruner stops a trial whose
+validation loss is worse than the median of earlier trials at the same step (checked every 60
+steps from step 60). The two best train again at two new seeds, where the answer is chosen by its
+worst seed; then the answer and the default train at three further seeds, and the report gives
+their test losses paired by seed, with a 95% interval and a verdict (research/study_plan.py).
 
     python run.py exp=lr_sweep                         # the study; rerun the same command to resume it
-    python run.py exp=lr_sweep sweep.n_trials=20       # a larger search (10 more trials into the same study)
-    python run.py exp=lr_sweep sweep.confirm_seeds=0   # smaller: no confirmation, best of one seed
+    python run.py exp=lr_sweep sweep.n_trials=20       # a larger search in the same study: new top k confirmed and evaluated
+    python run.py exp=lr_sweep sweep.eval_seeds=5      # a sharper comparison with the default
+
+To search other bounds or settings, copy this file under a new name and edit SEARCH_SPACE.
 """
 
+from research.search_space import Float, Int
+
 BASE = "baseline"
+
+SEARCH_SPACE = {  # around the baseline's values; grid= is what exp=lr_grid trains
+    "train.lr": Float(1e-3, 8e-3, log=True, grid=(1e-3, 2e-3, 3e-3, 5e-3, 8e-3)),
+    "train.warmup_steps": Int(0, 40),
+    "train.min_lr_ratio": Float(0.0, 0.9, grid=(0.0, 0.1, 0.5)),
+}
 
 OVERRIDES = {
     "sweep.n_trials": 10,  # the default and 9 searched
@@ -24,12 +32,7 @@ OVERRIDES = {
     "sweep.prune_after_trials": 2,
     "sweep.confirm_top_k": 2,
     "sweep.confirm_seeds": 2,
-    "sweep.lr_min": 1e-3,  # around the baseline's 3e-3
-    "sweep.lr_max": 8e-3,
-    "sweep.warmup_min": 0,
-    "sweep.warmup_max": 40,
-    "sweep.min_lr_ratio_min": 0.0,
-    "sweep.min_lr_ratio_max": 0.9,
+    "sweep.eval_seeds": 3,
     "train.eval_every": 60,  # the points where the pruner compares trials; the final evaluation is the baseline's
-    "train.sample_tokens": 0,  # trials generate no samples; train the best one for those
+    "train.sample_tokens": 0,  # trials generate no samples; train the answer for those
 }

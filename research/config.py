@@ -93,29 +93,29 @@ class TrackingConfig:
 
 @dataclass
 class SweepConfig:
-    n_trials: int = 0  # trials of the search (the default's included; confirmations come on top); 0 = a single training run, no study
-    sampler: str = "tpe"  # tpe: Optuna's TPE over the bounds below | grid: every sweep.grid_lr x sweep.grid_min_lr_ratio at sweep.grid_seeds seeds
-    enqueue_default: bool = True  # the recipe's own lr, warmup and min-lr ratio are the first trial: the reference of the report
-    confirm_top_k: int = 2  # after the search, the k best configurations and the default train again at extra seeds
-    confirm_seeds: int = 2  # extra seeds (seed+1, seed+2, ...) per confirmed configuration; 0 = no confirmation, best of one seed
+    """How a study runs; what it searches is the recipe's SEARCH_SPACE (research/search_space.py), and its stages are in research/study_plan.py."""
+
+    n_trials: int = 0  # trials of the search (the default's included; confirm and evaluate trials come on top); 0 = a single training run, no study
+    sampler: str = "tpe"  # tpe: Optuna's TPE over the search space | grid: every combination of the space's grid values at sweep.grid_seeds seeds
+    enqueue_default: bool = True  # the recipe's own values are the first trial, the search's reference
+    confirm_top_k: int = 2  # the k best searched configurations train again at new seeds, where the answer is chosen
+    confirm_seeds: int = 2  # new seeds (seed+1, ...) per confirmed configuration; 0 = choose on the search seed alone
+    choose_by: str = "worst"  # worst | mean_plus_sd | mean: how the confirmed configurations are ranked (lower is better)
+    eval_seeds: int = 3  # the answer and the default train at these further seeds (seed+1000, ...): the report's figures, on test loss; 0 = none
+    grid_seeds: int = 1  # sampler=grid: seeds per grid point (seed, seed+1, ...)
     study_name: str = ""  # "" = <experiment>-sweep
     storage: str = ""  # Optuna storage URL (sqlite, postgresql, mysql) or journal:PATH / PATH.journal; "" = sqlite:///<out_dir>/optuna.db
-    pruner: str = "hyperband"  # hyperband | median | none
+    pruner: str = "hyperband"  # hyperband | median | none (only search trials are pruned)
     prune_after_steps: int = 0  # no trial is stopped before this step (hyperband min_resource, median warmup); 0 = train.eval_every
     prune_after_trials: int = 3  # median pruner: trials that must finish before it stops any
-    lr_min: float = 1e-4  # lower bound of train.lr (log-uniform)
-    lr_max: float = 1e-2  # upper bound of train.lr
-    warmup_min: int = 0  # lower bound of train.warmup_steps
-    warmup_max: int = 100  # upper bound of train.warmup_steps
-    min_lr_ratio_min: float = 0.0  # lower bound of train.min_lr_ratio
-    min_lr_ratio_max: float = 1.0  # upper bound of train.min_lr_ratio
-    grid_lr: list[float] = field(default_factory=list)  # sampler=grid: the learning rates
-    grid_min_lr_ratio: list[float] = field(default_factory=list)  # sampler=grid: the min-lr ratios
-    grid_seeds: int = 1  # sampler=grid: seeds per grid point (seed, seed+1, ...)
     heartbeat_s: int = 30  # a running trial marks itself alive this often
     grace_s: int = 300  # a running trial silent this long belongs to a dead worker: it is failed and queued again
     max_retries: int = 2  # times a dead worker's trial is queued again before it stays failed
     report_dir: str = ""  # also write the study's report (summary.md, summary.html, plots) here, e.g. results/lr_sweep-sweep; "" = only <out_dir>/sweeps/<study>/ and the parent run
+
+
+# sweep keys of earlier versions: the search space is now the recipe's SEARCH_SPACE; logged configs that have them still load
+RETIRED_SWEEP_KEYS = ("lr_min", "lr_max", "warmup_min", "warmup_max", "min_lr_ratio_min", "min_lr_ratio_max", "grid_lr", "grid_min_lr_ratio")
 
 
 @dataclass
@@ -162,6 +162,9 @@ def valid_keys(node: Any = None, prefix: str = "") -> list[str]:
 
 
 def _unknown_key_message(key: str) -> str:
+    if key.startswith("sweep.") and key.removeprefix("sweep.") in RETIRED_SWEEP_KEYS:
+        return (f"'{key}' is gone: a sweep searches its recipe's SEARCH_SPACE; copy experiments/lr_sweep.py under a new name "
+                "and change the bounds there (research/search_space.py)")
     keys = valid_keys()
     close = difflib.get_close_matches(key, keys, n=3, cutoff=0.6)
     hint = f"did you mean {' or '.join(close)}?" if close else ""
@@ -220,6 +223,8 @@ def from_yaml(text: str) -> DictConfig:
         loaded["model"] = {RENAMED_MODEL_KEYS.get(key, key): value for key, value in model.items()}
         loaded.setdefault("train", {}).setdefault("adamw", "foreach")  # what runs logged before the key trained with
         loaded.setdefault("data", {}).setdefault("test_fraction", 0.0)  # ... and they had no test split: train on what they trained on
+        for key in RETIRED_SWEEP_KEYS:  # a study's bounds, now the recipe's SEARCH_SPACE: nothing a run trains with
+            loaded.get("sweep", {}).pop(key, None)
         return OmegaConf.merge(cfg, loaded)
     except OmegaConfBaseException as err:
         raise UserError(f"logged config does not fit this version's schema: {str(err).splitlines()[0]}") from None
@@ -277,6 +282,10 @@ def validate(cfg: DictConfig) -> None:
         (cfg.bench.steps > 0 and cfg.bench.warmup_steps >= 0, "bench.steps must be > 0 and bench.warmup_steps >= 0"),
         (all(kind in ("spinners", "training") for kind in cfg.bench.load), f"bench.load takes spinners and/or training, got {list(cfg.bench.load)}"),
         (cfg.sweep.pruner in ("hyperband", "median", "none"), f"sweep.pruner must be hyperband, median or none, got '{cfg.sweep.pruner}'"),
+        (cfg.sweep.sampler in ("tpe", "grid"), f"sweep.sampler must be tpe or grid, got '{cfg.sweep.sampler}'"),
+        (cfg.sweep.choose_by in ("worst", "mean_plus_sd", "mean"), f"sweep.choose_by must be worst, mean_plus_sd or mean, got '{cfg.sweep.choose_by}'"),
+        (min(cfg.sweep.confirm_top_k, cfg.sweep.confirm_seeds, cfg.sweep.eval_seeds, cfg.sweep.prune_after_steps, cfg.sweep.prune_after_trials) >= 0
+         and cfg.sweep.grid_seeds > 0, "sweep.confirm_top_k, confirm_seeds, eval_seeds, prune_after_steps and prune_after_trials must be >= 0, and sweep.grid_seeds > 0"),
         (0 < cfg.sweep.heartbeat_s < cfg.sweep.grace_s and cfg.sweep.max_retries >= 0,
          f"need 0 < sweep.heartbeat_s < sweep.grace_s and sweep.max_retries >= 0, got {cfg.sweep.heartbeat_s}, {cfg.sweep.grace_s}, {cfg.sweep.max_retries}"),
     ]

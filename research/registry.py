@@ -2,7 +2,8 @@
 
 An experiment module holds a docstring (its first line is the description in
 `python run.py list`), `OVERRIDES` (a {dotted key: value} dict applied on top of the
-defaults, or on top of `BASE`, another experiment's recipe) and, optionally,
+defaults, or on top of `BASE`, another experiment's recipe), optionally `SEARCH_SPACE` (what
+a sweep of it searches: research/search_space.py; inherited from `BASE` too) and, optionally,
 `main(cfg)` when it is not a plain training run (a benchmark, say).
 """
 
@@ -49,6 +50,18 @@ def recipe(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
     merged = recipe(base, seen + (name,)) if base else {}
     merged.update(getattr(module, "OVERRIDES", {}))
     return merged
+
+
+def search_space(name: str) -> dict[str, Any]:
+    """The experiment's SEARCH_SPACE, or its BASE's (recursively), or the default space of research/search_space.py."""
+    from research.search_space import DEFAULT_SPACE
+
+    while name:
+        module = load(name)
+        if hasattr(module, "SEARCH_SPACE"):
+            return dict(module.SEARCH_SPACE)
+        name = getattr(module, "BASE", None)
+    return dict(DEFAULT_SPACE)
 
 
 def build(name: str, overrides: list[str] | dict[str, Any] = ()) -> DictConfig:

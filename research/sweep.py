@@ -28,7 +28,7 @@ from pathlib import Path
 
 import optuna
 from mlflow.entities import Param, RunTag
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread
@@ -37,13 +37,15 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
 from research import distributed, registry
-from research.config import apply_overrides, resolve_path, to_yaml, validate
+from research import search_space as spaces
+from research.config import apply_overrides, resolve_path, to_yaml, valid_keys, validate
 from research.database import mask_password, open_store
 from research.errors import UserError
 from research.tracking import (
     SWEEP_SECTIONS, TRIAL_RUN_STATUS, MLflowHook, connect, params_and_tags, portable_value, start_run, tracking_uri, trial_run_name,
 )
-from research.sweep_report import CONFIRM_RANK_ATTR, SEED_ATTR, STAGE_ATTR, STEPS_ATTR, candidates, summarise
+from research.study_plan import SEARCHED, SEED_ATTR, STAGE_ATTR, STEPS_ATTR, TEST_LOSS_ATTR, duplicate_of, grid_seeds, plan, trial_params
+from research.sweep_report import summarise
 from research.trainer import Hooks, train
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the study's MLflow parent run
@@ -56,10 +58,14 @@ WORKER_LOST = "its worker stopped (no heartbeat)"
 INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM: the trial counts as failed, its run ends KILLED like any stopped run
 
 
-def run_sweep(cfg: DictConfig) -> optuna.Study:
-    """Run queued trials until none is left, then summarise the study."""
+def run_sweep(cfg: DictConfig, space: dict[str, spaces.Dimension] | None = None) -> optuna.Study:
+    """Run queued trials until the study needs none (search, confirm, evaluate), then summarise it.
+
+    `space` is what the search samples: by default the recipe's SEARCH_SPACE (research/search_space.py).
+    """
     refuse_torchrun()
-    check_search_space(cfg)
+    space = active_space(cfg, space if space is not None else registry.search_space(cfg.exp))
+    check_search_space(cfg, space)
     console = Console()
     name = cfg.sweep.study_name or f"{cfg.exp}-sweep"
     url = storage_url(cfg)
@@ -73,15 +79,15 @@ def run_sweep(cfg: DictConfig) -> optuna.Study:
         retry(study, trial)
 
     storage = open_storage(url, cfg.sweep, on_stale)  # before MLflow: a bad storage URL fails at once
-    study, created = open_study(name, storage, make_pruner(cfg), cfg)
+    study, created = open_study(name, storage, make_pruner(cfg), cfg, space)
     console.print(f"[bold]study[/] {name} ({'new' if created else 'resumed'}, {cfg.sweep.n_trials} trials) in {mask_password(url)}")
-    parent_run_id = open_parent_run(client, study, created, cfg, name, url)
+    parent_run_id = open_parent_run(client, study, created, cfg, name, url, space)
     interrupted = True
     try:
-        while (trial := take_queued_trial(study, cfg.seed, min(cfg.sweep.heartbeat_s, 5), console, cfg.sweep.confirm_top_k)) is not None:
-            run_trial(study, trial, cfg, client, parent_run_id, console)
+        while (trial := take_queued_trial(study, cfg, space, min(cfg.sweep.heartbeat_s, 5), console)) is not None:
+            run_trial(study, trial, cfg, space, client, parent_run_id, console)
             gc.collect()  # the trial's model is unreachable now; free it before the next one is built
-        summarise(study, cfg, registry.build(cfg.exp), describe_space(cfg), shown_storage(url), client, parent_run_id, console)
+        summarise(study, cfg, registry.build(cfg.exp), space, shown_storage(url), client, parent_run_id, console)
         interrupted = False
     finally:
         close_parent_run(client, parent_run_id, study, interrupted, console)
@@ -99,53 +105,26 @@ def refuse_torchrun() -> None:
 # ---- search space ----
 
 
-def search_space(trial: optuna.Trial, cfg: DictConfig) -> dict[str, float | int]:
-    """The trial's config overrides: peak lr (log-uniform), warmup steps and the floor of the cosine decay.
+def active_space(cfg: DictConfig, space: dict[str, spaces.Dimension]) -> dict[str, spaces.Dimension]:
+    """What the trials set: the space (warmup clipped to the run), or on a grid only its gridded dimensions."""
+    space = spaces.bounded(space, cfg.train.max_steps)
+    if cfg.sweep.sampler == "grid":
+        return {key: dim for key, dim in space.items() if dim.grid}
+    return space
 
-    Warmup is in steps, and trials train at the recipe's own length, so the best trial's values are the
-    ones to use at that length; at a longer one keep the warmup steps (the README's rule). A grid keeps
-    the recipe's warmup and searches lr x min-lr ratio.
-    """
+
+def default_params(cfg: DictConfig, space: dict[str, spaces.Dimension]) -> dict:
+    """The recipe's own values of the searched keys: the default configuration, the reference of every comparison."""
+    return {key: OmegaConf.select(cfg, key) for key in space}
+
+
+def check_search_space(cfg: DictConfig, space: dict[str, spaces.Dimension]) -> None:
+    spaces.check(space, set(valid_keys()))
     s = cfg.sweep
     if s.sampler == "grid":
-        return {"train.lr": trial.suggest_float("train.lr", min(s.grid_lr), max(s.grid_lr), log=True),
-                "train.min_lr_ratio": trial.suggest_float("train.min_lr_ratio", min(s.grid_min_lr_ratio), max(s.grid_min_lr_ratio))}
-    return {
-        "train.lr": trial.suggest_float("train.lr", s.lr_min, s.lr_max, log=True),
-        "train.warmup_steps": trial.suggest_int("train.warmup_steps", s.warmup_min, min(s.warmup_max, cfg.train.max_steps)),
-        "train.min_lr_ratio": trial.suggest_float("train.min_lr_ratio", s.min_lr_ratio_min, s.min_lr_ratio_max),
-    }
-
-
-def describe_space(cfg: DictConfig) -> dict[str, str]:
-    s = cfg.sweep
-    if s.sampler == "grid":
-        return {"train.lr": f"grid {list(s.grid_lr)}", "train.min_lr_ratio": f"grid {list(s.grid_min_lr_ratio)}"}
-    return {
-        "train.lr": f"log-uniform [{s.lr_min:g}, {s.lr_max:g}]",
-        "train.warmup_steps": f"int [{s.warmup_min}, {min(s.warmup_max, cfg.train.max_steps)}]",
-        "train.min_lr_ratio": f"uniform [{s.min_lr_ratio_min:g}, {s.min_lr_ratio_max:g}]",
-    }
-
-
-def check_search_space(cfg: DictConfig) -> None:
-    s = cfg.sweep
-    grid_size = len(s.grid_lr) * len(s.grid_min_lr_ratio) * s.grid_seeds
-    checks = [
-        (0 < s.lr_min <= s.lr_max, f"need 0 < sweep.lr_min <= sweep.lr_max, got {s.lr_min} and {s.lr_max}"),
-        (0 <= s.warmup_min <= min(s.warmup_max, cfg.train.max_steps),
-         f"need 0 <= sweep.warmup_min <= sweep.warmup_max and train.max_steps, got {s.warmup_min}, {s.warmup_max}, {cfg.train.max_steps}"),
-        (0 <= s.min_lr_ratio_min <= s.min_lr_ratio_max <= 1,
-         f"need 0 <= sweep.min_lr_ratio_min <= sweep.min_lr_ratio_max <= 1, got {s.min_lr_ratio_min} and {s.min_lr_ratio_max}"),
-        (s.prune_after_steps >= 0 and s.prune_after_trials >= 0, "sweep.prune_after_steps and sweep.prune_after_trials must be >= 0"),
-        (s.sampler in ("tpe", "grid"), f"sweep.sampler must be tpe or grid, got '{s.sampler}'"),
-        (s.confirm_top_k >= 0 and s.confirm_seeds >= 0, "sweep.confirm_top_k and sweep.confirm_seeds must be >= 0"),
-        (s.sampler != "grid" or (grid_size > 0 and s.n_trials == grid_size and min(s.grid_lr) > 0),
-         f"sweep.sampler=grid needs positive sweep.grid_lr, sweep.grid_min_lr_ratio and sweep.n_trials = their product x sweep.grid_seeds = {grid_size}"),
-    ]
-    for ok, message in checks:
-        if not ok:
-            raise UserError(message)
+        size = len(spaces.grid_points(space)) * s.grid_seeds
+        if s.n_trials != size:
+            raise UserError(f"sweep.sampler=grid needs sweep.n_trials = the grid's points x sweep.grid_seeds = {size}, got {s.n_trials}")
 
 
 def make_pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:
@@ -209,26 +188,23 @@ class JournalStorageWithHeartbeat(JournalStorage, BaseHeartbeat):
         return self.on_stale
 
 
-def queue_plan(cfg: DictConfig, queued: int) -> list[tuple[dict, dict]]:
-    """(fixed params, user attrs) of the trials to enqueue when `queued` search trials already are.
+def queue_plan(cfg: DictConfig, space: dict[str, spaces.Dimension], queued: int) -> list[tuple[dict, dict]]:
+    """(fixed params, user attrs) of the searched trials to enqueue when `queued` already are.
 
-    A new study: the default (the recipe's own values, the report's reference), the search trials,
-    and the confirm trials that retrain the best candidates at extra seeds once the search is done.
-    A grid: every point at every seed. Raising sweep.n_trials later adds search trials only.
+    A new study: the default (the recipe's own values, the search's reference), then the search trials.
+    A grid: every point at every seed. Raising sweep.n_trials later adds search trials; the confirm and
+    evaluate trials are planned from the results (research/study_plan.py), not queued up front.
     """
-    s, t = cfg.sweep, cfg.train
+    s = cfg.sweep
     if s.sampler == "grid":
-        points = [{"train.lr": lr, "train.min_lr_ratio": ratio} for lr in s.grid_lr for ratio in s.grid_min_lr_ratio]
-        plan = [(p, {STAGE_ATTR: "grid", SEED_ATTR: cfg.seed + i}) for i in range(s.grid_seeds) for p in points]
-        return plan[queued:]
-    plan = []
+        points = spaces.grid_points(space)
+        plan_ = [(p, {STAGE_ATTR: "grid", SEED_ATTR: seed}) for seed in grid_seeds(cfg) for p in points]
+        return plan_[queued:]
+    plan_ = []
     if queued == 0 and s.enqueue_default:
-        plan.append(({"train.lr": t.lr, "train.warmup_steps": t.warmup_steps, "train.min_lr_ratio": t.min_lr_ratio}, {STAGE_ATTR: "default", SEED_ATTR: cfg.seed}))
-    plan += [({}, {STAGE_ATTR: "search", SEED_ATTR: cfg.seed})] * (s.n_trials - queued - len(plan))
-    if queued == 0 and s.confirm_seeds > 0:
-        ranks = range(int(s.enqueue_default) + s.confirm_top_k)
-        plan += [({}, {STAGE_ATTR: "confirm", CONFIRM_RANK_ATTR: r, SEED_ATTR: cfg.seed + 1 + i}) for i in range(s.confirm_seeds) for r in ranks]
-    return plan
+        plan_.append((default_params(cfg, space), {STAGE_ATTR: "default", SEED_ATTR: cfg.seed}))
+    plan_ += [({}, {STAGE_ATTR: "search", SEED_ATTR: cfg.seed})] * max(0, s.n_trials - queued - len(plan_))
+    return plan_
 
 
 def shown_storage(url: str) -> str:
@@ -241,7 +217,7 @@ def shown_storage(url: str) -> str:
     return mask_password(url)
 
 
-def open_study(name: str, storage, pruner, cfg: DictConfig) -> tuple[optuna.Study, bool]:
+def open_study(name: str, storage, pruner, cfg: DictConfig, space: dict[str, spaces.Dimension]) -> tuple[optuna.Study, bool]:
     """Create or load the study, and queue its trials (`queue_plan`); (study, created here)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
@@ -254,60 +230,56 @@ def open_study(name: str, storage, pruner, cfg: DictConfig) -> tuple[optuna.Stud
         while QUEUED_ATTR not in study.user_attrs and time.monotonic() < deadline:
             time.sleep(0.2)
     queued = study.user_attrs.get(QUEUED_ATTR, 0)
-    plan = queue_plan(cfg, queued)
-    for params, attrs in plan:
+    searched = queue_plan(cfg, space, queued)
+    for params, attrs in searched:
         study.enqueue_trial(params, user_attrs=attrs)
-    searched = sum(attrs[STAGE_ATTR] != "confirm" for _, attrs in plan)
     if searched or not created:
-        study.set_user_attr(QUEUED_ATTR, queued + searched)
+        study.set_user_attr(QUEUED_ATTR, queued + len(searched))
     return study, created
 
 
-def take_queued_trial(study: optuna.Study, seed: int, poll_s: float, console: Console, top_k: int = 0) -> optuna.Trial | None:
-    """The next queued trial, now RUNNING and ours; None once no trial is queued or running anywhere.
+def take_queued_trial(study: optuna.Study, cfg: DictConfig, space: dict[str, spaces.Dimension], poll_s: float, console: Console) -> optuna.Trial | None:
+    """The next queued trial, now RUNNING and ours; None once the study needs no more trials.
 
-    While other workers still run trials, wait for them: a dead worker's trial is failed once its heartbeat
-    is older than the grace period and queued again (`on_stale`), and this worker then takes it.
+    Searched trials first; confirm and evaluate trials wait until no searched trial is left, and are
+    planned (research/study_plan.py) by whichever worker finds the queue empty. While other workers
+    still run trials, wait for them: a dead worker's trial is failed once its heartbeat is older than
+    the grace period and queued again (`on_stale`), and this worker then takes it.
     """
     announced = False
     while True:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ExperimentalWarning)
             optuna.storages.fail_stale_trials(study)
-        trials = study.get_trials(deepcopy=False, states=(TrialState.WAITING, TrialState.RUNNING))
-        searching = any(t.user_attrs.get(STAGE_ATTR) != "confirm" for t in trials)  # confirm trials wait for the whole search
-        for waiting in [t for t in trials if t.state == TrialState.WAITING and not (searching and t.user_attrs.get(STAGE_ATTR) == "confirm")]:
+        trials = study.get_trials(deepcopy=False)
+        open_trials = [t for t in trials if t.state in (TrialState.WAITING, TrialState.RUNNING)]
+        searching = any(t.user_attrs.get(STAGE_ATTR) in SEARCHED for t in open_trials)
+        for waiting in [t for t in open_trials if t.state == TrialState.WAITING and not (searching and t.user_attrs.get(STAGE_ATTR) not in SEARCHED)]:
             try:
                 if not study._storage.set_trial_state_values(waiting._trial_id, state=TrialState.RUNNING):
                     continue  # another worker took it first
             except UpdateFinishedTrialError:
                 continue
-            if waiting.user_attrs.get(STAGE_ATTR) == "confirm" and not assign_candidate(study, waiting, top_k):
+            if (earlier := duplicate_of(waiting, trials)) is not None:  # two workers planned the same run at once
+                study._storage.set_trial_user_attr(waiting._trial_id, END_REASON_ATTR, f"the same configuration and seed as trial {earlier.number}")
+                study._storage.set_trial_state_values(waiting._trial_id, state=TrialState.FAIL)
                 continue
-            study.sampler = optuna.samplers.TPESampler(seed=seed + waiting.number, n_startup_trials=STARTUP_TRIALS)  # reproducible, distinct per worker
+            study.sampler = optuna.samplers.TPESampler(seed=cfg.seed + waiting.number, n_startup_trials=STARTUP_TRIALS)  # reproducible, distinct per worker
             return optuna.Trial(study, waiting._trial_id)
-        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        if not running:
+        if not open_trials:
+            stage, needed = plan(trials, cfg, default_params(cfg, space))
+            for params, attrs in needed:
+                study.enqueue_trial(params, user_attrs=attrs)
+            if needed:
+                console.print(f"{stage}: {len(needed)} trial(s) queued")
+                continue
             return None
-        if not announced:
-            console.print(f"no trial left to start; waiting for {len(running)} running in other workers (a dead worker's is queued again after sweep.grace_s)")
-            announced = True
+        if not any(t.state == TrialState.WAITING for t in open_trials):
+            if not announced:
+                running = sum(t.state == TrialState.RUNNING for t in open_trials)
+                console.print(f"no trial left to start; waiting for {running} running in other workers (a dead worker's is queued again after sweep.grace_s)")
+                announced = True
         time.sleep(poll_s)
-
-
-def assign_candidate(study: optuna.Study, trial: FrozenTrial, top_k: int) -> bool:
-    """A confirm trial retrains the candidate of its rank (the search is over, so the ranking is final): its params become fixed.
-
-    With fewer completed configurations than ranks, the trial has nothing to retrain: it fails with that reason (False).
-    """
-    ranked = candidates(study.get_trials(deepcopy=False), top_k)
-    rank = trial.user_attrs[CONFIRM_RANK_ATTR]
-    if rank < len(ranked):
-        study._storage.set_trial_system_attr(trial._trial_id, "fixed_params", ranked[rank])
-        return True
-    study._storage.set_trial_user_attr(trial._trial_id, END_REASON_ATTR, f"no configuration of rank {rank} to confirm: too few search trials completed")
-    study._storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
-    return False
 
 
 # ---- one trial ----
@@ -329,21 +301,22 @@ class ReportToTrial(Hooks):
             raise optuna.TrialPruned(f"pruned at step {step} (val loss {metrics['val/loss']:.4f})")
 
 
-def trial_config(cfg: DictConfig, trial: optuna.Trial) -> DictConfig:
+def trial_config(cfg: DictConfig, trial: optuna.Trial, space: dict[str, spaces.Dimension]) -> DictConfig:
     trial_cfg = copy.deepcopy(cfg)
-    apply_overrides(trial_cfg, {**search_space(trial, cfg), "seed": trial.user_attrs.get(SEED_ATTR, cfg.seed)})
+    apply_overrides(trial_cfg, {**spaces.suggest(trial, space), "seed": trial.user_attrs.get(SEED_ATTR, cfg.seed)})
     trial_cfg.tracking.run_name = trial_run_name(cfg.tracking.run_name or cfg.exp, trial.number)
     trial_cfg.train.checkpoint_dir = ""  # trials keep no checkpoints: retrain the best one (see summary.md)
     validate(trial_cfg)
     return trial_cfg
 
 
-def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: DictConfig, client, parent_run_id: str | None, console: Console) -> None:
+def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: DictConfig, space: dict[str, spaces.Dimension], client, parent_run_id: str | None,
+              console: Console) -> None:
     """Train one trial, logged as a child run while Optuna's heartbeat thread marks it alive; tell the study how it ended."""
-    state, value, reason, run_id = TrialState.COMPLETE, None, "", None
+    state, value, reason, run_id, test_loss = TrialState.COMPLETE, None, "", None, math.nan
     report = ReportToTrial(trial, cfg.train.max_steps)
     try:
-        trial_cfg = trial_config(cfg, trial)
+        trial_cfg = trial_config(cfg, trial, space)
         console.rule(f"trial {trial.number} ({trial.user_attrs.get(STAGE_ATTR, 'search')}, seed {trial_cfg.seed}): "
                      + "  ".join(f"{k}={v:.4g}" for k, v in trial.params.items()))
         hooks: list[Hooks] = [report]
@@ -353,10 +326,14 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: DictConfig, client,
             hooks.insert(0, MLflowHook(client, run_id, log_artifacts=False))
         with get_heartbeat_thread(trial._trial_id, study._storage):
             try:
-                value = train(trial_cfg, hooks).final_val_loss  # the result (and its model) is dropped here
+                result = train(trial_cfg, hooks)
+                value, test_loss = result.final_val_loss, result.final_test_loss
+                del result  # and its model
             finally:
                 if client is not None:
                     hooks[0].close()  # a pruned or failed run keeps the metrics logged up to its last step
+        if math.isfinite(test_loss):
+            trial.set_user_attr(TEST_LOSS_ATTR, test_loss)  # for the evaluation stage's report; no ranking reads it
         if not math.isfinite(value):
             state, value, reason = TrialState.FAIL, None, f"final val loss is {value}"
     except optuna.TrialPruned as pruned:
@@ -399,7 +376,7 @@ def close_child_run(client, run_id: str | None, state: TrialState, reason: str) 
 # ---- the parent run ----
 
 
-def parent_tags(cfg: DictConfig, name: str, url: str, pruner: optuna.pruners.BasePruner) -> dict[str, str]:
+def parent_tags(cfg: DictConfig, name: str, url: str, pruner: optuna.pruners.BasePruner, space: dict[str, spaces.Dimension]) -> dict[str, str]:
     tags = {
         "sweep.study_name": name,
         "sweep.storage": mask_password(url),
@@ -408,16 +385,16 @@ def parent_tags(cfg: DictConfig, name: str, url: str, pruner: optuna.pruners.Bas
         "sweep.pruner": f"{type(pruner).__name__} ({cfg.sweep.pruner})",
         "experiment": cfg.exp,
     }
-    tags.update({f"sweep.space.{key}": text for key, text in describe_space(cfg).items()})
+    tags.update({f"sweep.space.{key}": text for key, text in spaces.describe(space).items()})
     return tags
 
 
-def open_parent_run(client, study: optuna.Study, created: bool, cfg: DictConfig, name: str, url: str) -> str | None:
+def open_parent_run(client, study: optuna.Study, created: bool, cfg: DictConfig, name: str, url: str, space: dict[str, spaces.Dimension]) -> str | None:
     """The study's one parent run (created by the worker that created the study, reopened by the others and by reruns)."""
     if client is None:
         return None
     run_id = existing_parent(client, study, created)
-    tags = parent_tags(cfg, name, url, study.pruner)
+    tags = parent_tags(cfg, name, url, study.pruner, space)
     if run_id is None:
         run_id = start_run(client, cfg)
         study.set_user_attr(PARENT_RUN_ATTR, run_id)

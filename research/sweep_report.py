@@ -1,9 +1,9 @@
-"""What a study found, and how sure it is: configurations ranked by their mean over seeds, against the default.
+"""What a study found, and how sure it is: the answer against the default, paired by seed on runs nobody chose on.
 
-A single seed's ranking is mostly noise at this scale (the baseline's own seeds span 0.15 in
-validation loss), so the study trains its best configurations and the recipe's default again at
-extra seeds (research/sweep.py queues those "confirm" trials), and the answer is the best mean.
-This module reads the finished trials; it writes nothing to the study.
+The stages and the choice are research/study_plan.py's; this module reads the finished trials and
+writes the report (printed, summary.md and summary.html with Optuna's plots under
+<out_dir>/sweeps/<study>/ and sweep.report_dir, and the parent run's metrics and tags). It writes
+nothing to the study.
 """
 
 from __future__ import annotations
@@ -19,114 +19,28 @@ import statistics
 import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
 from mlflow.entities import Metric, RunTag
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from research.config import flatten, resolve_path
-
-STAGE_ATTR = "stage"  # trial user attr: default | search | grid | confirm
-SEED_ATTR = "seed"  # trial user attr: the seed the trial trains with
-CONFIRM_RANK_ATTR = "confirm_rank"  # confirm trials: which candidate they retrain (0 = the default when it was queued)
-STEPS_ATTR = "steps"  # trial user attr: optimizer steps it trained (pruned trials stop early)
-SEARCHED = ("default", "search", "grid")  # the stages whose trials rank configurations
-NOISE_Z = 2.0  # a gain counts as real when it exceeds this many standard errors of the difference of means
-
-
-@dataclass
-class Configuration:
-    """One setting of the searched parameters and its final validation losses, one per seed."""
-
-    params: dict[str, float]
-    role: str  # "default", "search" or "grid"
-    losses: dict[int, float] = field(default_factory=dict)  # seed -> final val loss
-    trial_numbers: list[int] = field(default_factory=list)
-
-    @property
-    def n(self) -> int:
-        return len(self.losses)
-
-    @property
-    def mean(self) -> float:
-        return statistics.fmean(self.losses.values())
-
-    @property
-    def sd(self) -> float:
-        return statistics.stdev(self.losses.values()) if self.n > 1 else math.nan
-
-    def describe(self) -> str:
-        spread = f" ± {self.sd:.3f}" if self.n > 1 else ""
-        return f"{self.mean:.4f}{spread} (n={self.n})"
+from research.paired import Paired
+from research.search_space import describe
+from research.study_plan import (
+    SEED_ATTR, STAGE_ATTR, STEPS_ATTR, TEST_LOSS_ATTR, Configuration, candidates, choice_seeds, choose, configurations, eval_seeds,
+    score, total_steps,
+)
 
 
-def config_key(params: dict) -> tuple:
-    return tuple(sorted((k, round(float(v), 12)) for k, v in params.items()))
-
-
-def candidates(trials: list[FrozenTrial], top_k: int) -> list[dict]:
-    """The parameters confirm trials retrain: the default first (if it was queued), then the `top_k` best other searched ones."""
-    done = [t for t in trials if t.state == TrialState.COMPLETE and t.user_attrs.get(STAGE_ATTR) in SEARCHED]
-    defaults = [t.params for t in done if t.user_attrs.get(STAGE_ATTR) == "default"]
-    ranked, seen = [], {config_key(p) for p in defaults}
-    for trial in sorted(done, key=lambda t: t.value):
-        if config_key(trial.params) not in seen:
-            seen.add(config_key(trial.params))
-            ranked.append(trial.params)
-    return defaults[:1] + ranked[:top_k]
-
-
-def configurations(trials: list[FrozenTrial], recipe_default: dict | None = None) -> list[Configuration]:
-    """Every configuration with a completed trial, its losses grouped by seed, in order of first appearance.
-
-    The default is the configuration of the trials queued as such, or (a grid) the one whose values are the recipe's own.
-    """
-    found: dict[tuple, Configuration] = {}
-    for trial in trials:
-        if trial.state != TrialState.COMPLETE or not trial.params:
-            continue
-        stage = trial.user_attrs.get(STAGE_ATTR, "search")
-        config = found.setdefault(config_key(trial.params), Configuration(dict(trial.params), stage if stage in SEARCHED else "search"))
-        if stage == "default":
-            config.role = "default"
-        config.losses[trial.user_attrs.get(SEED_ATTR, 0)] = trial.value
-        config.trial_numbers.append(trial.number)
-    if recipe_default and not any(c.role == "default" for c in found.values()):
-        for config in found.values():
-            if all(math.isclose(float(v), float(recipe_default.get(k, math.nan))) for k, v in config.params.items()):
-                config.role = "default"
-    return list(found.values())
-
-
-def best_configuration(configs: list[Configuration]) -> Configuration | None:
-    """The lowest mean among the configurations trained at the most seeds (the confirmed ones, when there are any)."""
-    if not configs:
-        return None
-    most = max(c.n for c in configs)
-    return min((c for c in configs if c.n == most), key=lambda c: c.mean)
-
-
-def verdict(best: Configuration, default: Configuration | None) -> str:
-    """One sentence: the best configuration's gain over the default, and whether it exceeds the seed noise."""
-    if default is None:
-        return "no default configuration was trained, so there is no reference to compare with"
-    if best is default:
-        return f"the default is the best configuration found: {default.describe()}"
-    gain = default.mean - best.mean
-    if best.n < 2 or default.n < 2:
-        return f"gain over the default {gain:+.4f} from a single seed: the noise is unknown, so this is not evidence of a better setting"
-    se = math.sqrt(best.sd ** 2 / best.n + default.sd ** 2 / default.n)
-    if gain > NOISE_Z * se:
-        return f"gain over the default {gain:+.4f} exceeds the seed noise ({NOISE_Z:g} standard errors = {NOISE_Z * se:.4f})"
-    return f"gain over the default {gain:+.4f} does NOT exceed the seed noise ({NOISE_Z:g} standard errors = {NOISE_Z * se:.4f}): treat them as equal"
-
-
-def total_steps(trials: list[FrozenTrial]) -> int:
-    """Optimizer steps trained by all trials of the study (pruned ones up to where they stopped)."""
-    return sum(int(t.user_attrs.get(STEPS_ATTR, 0)) for t in trials)
+def spread(values: list[float]) -> str:
+    """'mean ± sd (n)' of a list of losses; the sd only from two values on."""
+    if not values:
+        return "none"
+    sd = f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else ""
+    return f"{statistics.fmean(values):.4f}{sd} (n={len(values)})"
 
 
 def retrain_command(cfg: DictConfig, recipe_cfg: DictConfig, params: dict) -> str:
@@ -151,40 +65,85 @@ def format_value(value) -> str:
 # ---- the report: printed, written beside the study, logged to the parent run ----
 
 
-def summarise(study, cfg: DictConfig, recipe_cfg: DictConfig, space: dict[str, str], storage_text: str, client, parent_run_id: str | None, console) -> None:
-    """Every trial, every configuration's mean ± sd, the answer and its command: printed, written to
-    <out_dir>/<study>/summary.md with Optuna's plots, and logged to the parent run."""
+def summarise(study, cfg: DictConfig, recipe_cfg: DictConfig, space: dict, storage_text: str, client, parent_run_id: str | None, console) -> None:
+    """The answer, how it was chosen, and its paired comparison with the default at the evaluation seeds:
+    printed, written to <out_dir>/sweeps/<study>/ (and sweep.report_dir) with Optuna's plots, and logged to the parent run."""
     trials = study.get_trials(deepcopy=False)
-    t = cfg.train
-    configs = configurations(trials, {"train.lr": t.lr, "train.warmup_steps": t.warmup_steps, "train.min_lr_ratio": t.min_lr_ratio})
-    best = best_configuration(configs)
-    default = next((c for c in configs if c.role == "default"), None)
-    steps = total_steps(trials)
-    importances = param_importances(study)
+    configs = configurations(trials, {key: OmegaConf.select(cfg, key) for key in space})
+    answer, default = choose(configs, cfg), next((c for c in configs if c.is_default), None)
+    paired = Paired(answer.test(eval_seeds(cfg)), default.test(eval_seeds(cfg))) if answer and default else None
+    steps, importances = total_steps(trials), param_importances(study)
     paragraphs = [f"storage: `{storage_text}`; {len(trials)} trials ({state_counts(trials)}); {steps:,} training steps in all; "
-                  "search space: " + "; ".join(f"{k} {v}" for k, v in space.items())]
+                  "search space: " + "; ".join(f"{k} {v}" for k, v in describe(space).items()), how_chosen(cfg)]
     command = ""
-    if best is not None:
-        command = retrain_command(cfg, recipe_cfg, best.params)
-        paragraphs += [f"**best**: {format_params(best.params)}: final val loss {best.describe()}",
-                       "**default**: " + (f"{format_params(default.params)}: {default.describe()}" if default else "not trained"),
-                       f"**verdict**: {verdict(best, default)}", f"train it: `{command}`"]
+    if answer is not None:
+        command = retrain_command(cfg, recipe_cfg, answer.params)
+        paragraphs += [f"**answer**: {format_params(answer.params)}" + (" (the default)" if answer.is_default else ""),
+                       evaluation_text(answer, default, paired, cfg), f"train it: `{command}`"]
     if importances:
-        paragraphs.append("parameter importance (fANOVA): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
-    tables = [(["configuration", "role", "mean ± sd (n)", "trials"],
-               [[format_params(c.params), c.role, c.describe(), ", ".join(map(str, c.trial_numbers))] for c in configs], {configs.index(best)} if best else set()),
-              (["trial", "stage", "seed", *space, "val loss", "steps", "state", "note"], [trial_row(t, space) for t in trials],
-               {i for i, t in enumerate(trials) if best and t.number in best.trial_numbers})]
+        paragraphs.append("parameter importance (fANOVA, search-seed validation loss): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
+    tables = [t for t in (evaluation_table(answer, default, cfg), choice_table(configs, answer, cfg)) if t]
+    tables.append((["trial", "stage", "seed", *space, "val loss", "test loss", "steps", "state", "note"], [trial_row(t, space) for t in trials],
+                   {i for i, t in enumerate(trials) if answer and t.number in answer.trial_numbers(eval_seeds(cfg))}))
     console.print("\n\n".join(paragraphs))
     write_report(study, f"Study {study.study_name}", paragraphs, tables, report_folders(cfg, study.study_name), client, parent_run_id, console)
     if client and parent_run_id:
-        log_answer(client, parent_run_id, best, default, steps, importances, command, len(trials))
+        log_answer(client, parent_run_id, answer, default, paired, cfg, steps, importances, command, len(trials))
 
 
-def trial_row(trial: FrozenTrial, space: dict[str, str]) -> list[str]:
+def how_chosen(cfg: DictConfig) -> str:
+    s = cfg.sweep
+    if s.sampler == "grid":
+        chosen = f"every grid point at seeds {choice_seeds(cfg)}, chosen by {s.choose_by} validation loss over those seeds"
+    elif s.confirm_seeds:
+        chosen = (f"searched at seed {cfg.seed} on validation loss; the top {s.confirm_top_k} trained again at seeds {choice_seeds(cfg)} "
+                  f"and chosen there by {s.choose_by} validation loss")
+    else:
+        chosen = f"searched at seed {cfg.seed} and chosen there on validation loss (no confirmation: the best of one seed)"
+    evaluated = (f"then the answer and the default trained at seeds {eval_seeds(cfg)}, which nothing was chosen on: their test losses, "
+                 "paired by seed, are the figures below" if s.eval_seeds else "no evaluation seeds (sweep.eval_seeds=0): no figure here is free of selection")
+    return f"**how**: {chosen}; {evaluated}"
+
+
+def evaluation_text(answer: Configuration, default: Configuration | None, paired: Paired | None, cfg: DictConfig) -> str:
+    if not cfg.sweep.eval_seeds:
+        return "**evaluation**: none"
+    if default is None or paired is None:
+        return "**evaluation**: no default configuration was trained, so there is no reference to compare with"
+    if answer is default:
+        return f"**evaluation**: the answer is the default: test loss {spread(list(default.test(eval_seeds(cfg)).values()))}"
+    return (f"**evaluation** (test loss at seeds {paired.seeds}): answer {spread(list(paired.a.values()))}, default {spread(list(paired.b.values()))}; "
+            f"answer - default {paired.summary()}")
+
+
+def evaluation_table(answer: Configuration | None, default: Configuration | None, cfg: DictConfig):
+    if answer is None or default is None or answer is default or not cfg.sweep.eval_seeds:
+        return None
+    a, b = answer.test(eval_seeds(cfg)), default.test(eval_seeds(cfg))
+    rows = [[str(s), f"{a[s]:.4f}", f"{b[s]:.4f}", f"{a[s] - b[s]:+.4f}"] for s in sorted(set(a) & set(b))]
+    return ["seed", "answer test loss", "default test loss", "answer - default"], rows, set()
+
+
+def choice_table(configs: list[Configuration], answer: Configuration | None, cfg: DictConfig):
+    seeds = choice_seeds(cfg)
+    shown = candidates(configs, cfg)
+    if not shown:
+        return None
+    rows = []
+    for c in shown:
+        values = c.val(seeds)
+        rows.append([format_params(c.params), *(f"{values[s]:.4f}" if s in values else "" for s in seeds),
+                     spread(list(values.values())), f"{score(list(values.values()), cfg.sweep.choose_by):.4f}"])
+    header = ["candidate", *(f"val, seed {s}" for s in seeds), "mean ± sd (n)", cfg.sweep.choose_by]
+    return header, rows, {shown.index(answer)} if answer in shown else set()
+
+
+def trial_row(trial: FrozenTrial, space: dict) -> list[str]:
     values = [f"{trial.params[k]:.4g}" if k in trial.params else "" for k in space]
-    loss = f"{trial.value:.4f}" if trial.value is not None and trial.state == TrialState.COMPLETE else ""
-    return [str(trial.number), trial.user_attrs.get(STAGE_ATTR, ""), str(trial.user_attrs.get(SEED_ATTR, "")), *values, loss,
+    done = trial.value is not None and trial.state == TrialState.COMPLETE
+    loss = f"{trial.value:.4f}" if done else ""
+    test = f"{trial.user_attrs[TEST_LOSS_ATTR]:.4f}" if done and TEST_LOSS_ATTR in trial.user_attrs else ""
+    return [str(trial.number), trial.user_attrs.get(STAGE_ATTR, ""), str(trial.user_attrs.get(SEED_ATTR, "")), *values, loss, test,
             str(trial.user_attrs.get(STEPS_ATTR, "")), trial.state.name, trial.user_attrs.get("end_reason", "")]
 
 
@@ -277,23 +236,33 @@ def publish(source: Path, folder: Path) -> None:
         os.replace(partial, folder / path.name)
 
 
-def log_answer(client, parent_run_id: str, best: Configuration | None, default: Configuration | None, steps: int,
-               importances: dict[str, float], command: str, step: int) -> None:
+def log_answer(client, parent_run_id: str, answer: Configuration | None, default: Configuration | None, paired: Paired | None, cfg: DictConfig,
+               steps: int, importances: dict[str, float], command: str, step: int) -> None:
     """Metrics and tags, not params: the answer changes as the study grows, and MLflow params cannot."""
     metrics = {"sweep/total_steps": float(steps), **{f"importance/{k}": v for k, v in importances.items()}}
     tags = {}
-    if best is not None:
-        metrics.update({"best/val_loss": best.mean, "best/val_loss_n": float(best.n), **{f"best/{k}": float(v) for k, v in best.params.items()}})
-        if best.n > 1:
-            metrics["best/val_loss_sd"] = best.sd
-        tags.update({f"best.{k}": f"{v:.6g}" for k, v in best.params.items()})
-        tags.update({"best.retrain_command": command, "best.trial_numbers": ",".join(map(str, best.trial_numbers)), "best.verdict": verdict(best, default)})
-    if default is not None:
-        metrics["default/val_loss"] = default.mean
-        if default.n > 1:
-            metrics["default/val_loss_sd"] = default.sd
+    seeds = eval_seeds(cfg)
+    for name, config in (("best", answer), ("default", default)):
+        values = list(config.test(seeds).values()) if config else []
+        if values:
+            metrics.update({f"{name}/test_loss": statistics.fmean(values), f"{name}/test_loss_n": float(len(values))})
+            if len(values) > 1:
+                metrics[f"{name}/test_loss_sd"] = statistics.stdev(values)
+    if answer is not None:
+        metrics.update({f"best/{k}": float(v) for k, v in answer.params.items()})
+        tags.update({f"best.{k}": f"{v:.6g}" for k, v in answer.params.items()})
+        tags.update({"best.retrain_command": command, "best.trial_numbers": ",".join(map(str, answer.trial_numbers(seeds)))})
+    if paired is not None and paired.n:
+        low, high = paired.interval
+        metrics.update({"paired/test_loss_diff": paired.mean, "paired/n": float(paired.n)})
+        if paired.n > 1:
+            metrics.update({"paired/diff_sd": paired.sd, "paired/ci_low": low, "paired/ci_high": high, "paired/detectable": paired.detectable})
+        tags["best.verdict"] = f"answer - default on test loss: {paired.summary()}"
     now_ms = int(time.time() * 1000)
-    client.log_batch(parent_run_id, metrics=[Metric(k, v, now_ms, step) for k, v in metrics.items()], tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
+    client.log_batch(parent_run_id, metrics=[Metric(k, v, now_ms, step) for k, v in metrics.items() if math.isfinite(v)],
+                     tags=[RunTag(k, v[:5000]) for k, v in tags.items()])
+
+
 def save_plots(study: optuna.Study, folder: Path) -> list[Path]:
     """Optuna's optimization history, parameter importances and intermediate values as PNGs (those it can draw yet)."""
     import matplotlib  # only here: a backend is chosen before pyplot is imported
