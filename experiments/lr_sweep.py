@@ -7,8 +7,8 @@ by TPE, and the median pruner stops a trial whose validation loss is worse than 
 earlier trials at the same step (checked every 60 steps from step 60). Then the two best
 configurations and the default train again at two more seeds, and the answer is the best mean
 over three seeds, with its gain over the default and whether that gain exceeds the seed noise.
-Compute: at most ~4,400 steps (10 searched trials, about half stopped early, plus 6 confirmations),
-a third of a 5 x 3 grid at three seeds (15,300 steps, exp=lr_grid).
+Compute: 10 searched trials, the pruned ones stopped early, plus 6 confirmations; against a 5 x 3 grid
+at three seeds (exp=lr_grid) in results/lr_sweep_vs_default.md.
 
     python run.py exp=lr_sweep                         # the study; rerun the same command to resume it
     python run.py exp=lr_sweep sweep.n_trials=20       # a larger search (10 more trials into the same study)

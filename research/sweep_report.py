@@ -153,7 +153,7 @@ def format_value(value) -> str:
 
 def summarise(study, cfg: DictConfig, recipe_cfg: DictConfig, space: dict[str, str], storage_text: str, client, parent_run_id: str | None, console) -> None:
     """Every trial, every configuration's mean ± sd, the answer and its command: printed, written to
-    <out_dir>/<study>/summary.md with Optuna's plots, and logged to the parent run."""
+    <out_dir>/sweeps/<study>/summary.md (and `sweep.report_dir`) with Optuna's plots, and logged to the parent run."""
     trials = study.get_trials(deepcopy=False)
     t = cfg.train
     configs = configurations(trials, {"train.lr": t.lr, "train.warmup_steps": t.warmup_steps, "train.min_lr_ratio": t.min_lr_ratio})
