@@ -32,9 +32,9 @@ os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Writing model shards" bars between our own output
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach for a model hub
 if "OMP_WAIT_POLICY" not in os.environ:  # read once, when torch loads OpenMP: it must be set before the first import of torch
-    # an idle OpenMP thread spins 20,000 times (tens of microseconds), not 300,000, before it sleeps: as fast alone, and
-    # when other processes share the cores the spinning no longer steals their time (results/bench/: 4.0x -> 2.2x slower
-    # beside a second training run). OMP_WAIT_POLICY=ACTIVE or GOMP_SPINCOUNT=... in the environment take precedence.
+    # an idle OpenMP thread spins far less than GNU OpenMP's default before it sleeps: as fast alone, and when other
+    # processes share the cores the spinning no longer steals their time (measured in results/bench/profile.md).
+    # OMP_WAIT_POLICY=ACTIVE or GOMP_SPINCOUNT=... in the environment take precedence.
     os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 
 from research.config import make_config, valid_keys  # noqa: E402  (light: OmegaConf only)

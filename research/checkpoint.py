@@ -1,9 +1,10 @@
-"""Checkpoints on disk: atomic writes, a rolling window, and loading the newest.
+"""Checkpoints on disk: atomic writes, a rolling window, and reading one back.
 
 A checkpoint is `TrainState.state_dict()` plus the resolved config, written to a
 temporary file and renamed into place, so a crash during a save never damages the
 checkpoint before it. `StopSignal` turns Ctrl-C / SIGTERM into "finish the step,
-checkpoint, stop" while the training loop runs.
+checkpoint, stop" while the training loop runs. Which checkpoint a resumed run continues
+from is `reproduce.resume_point`'s choice.
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ class StopSignal:
     Outside `at_step_boundaries()` a signal stops at once (KeyboardInterrupt, which the
     tracker records as KILLED). Inside it the first signal is only noted in `received`,
     so the loop can finish the step in flight and checkpoint before stopping; a second
-    signal stops at once. Handlers can only be set from the main thread; elsewhere
-    (a sweep running trials in threads) this does nothing.
+    signal stops at once. Handlers can only be set from the main thread, so when `train()` is called
+    from another thread this does nothing (a sweep runs its trials one after another on the main thread).
     """
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)

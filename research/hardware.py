@@ -1,7 +1,7 @@
 """What the hardware can do: which precision runs fast, and its peak FLOP/s for MFU.
 
 bf16 only pays on CPUs with AMX or AVX-512 BF16; on others (plain AVX2) bf16 matrix
-products are emulated and run ~100x slower than fp32, so `precision=auto` picks fp32.
+products are emulated and far slower than fp32 (results/measurements.md), so `precision=auto` picks fp32.
 """
 
 from __future__ import annotations
@@ -89,8 +89,8 @@ def resolve_compile(setting: str, device: torch.device, parameters: int) -> bool
     """Turn `train.compile` (auto | true | false) into a yes or no for this model on this device.
 
     auto: always on CUDA. On a CPU (with g++ and the Python headers, which torch.compile needs there) from
-    COMPILE_MIN_PARAMETERS up: compiling the blocks takes ~10 s, and made minimind2-small (25.8M)
-    steps 1.15-1.3x faster on 2 cores, but the 2.9M baseline's no faster (results/bench/).
+    COMPILE_MIN_PARAMETERS up: compiling the blocks costs seconds at start and fuses the small
+    elementwise kernels, which pays at the benchmark's size but not at the baseline's (results/bench/profile.md).
     """
     setting = str(setting).lower()
     if setting != "auto":
@@ -122,9 +122,9 @@ def keep_freed_memory() -> None:
 
     A training step allocates and frees the same large activation buffers every time. By default
     glibc serves big requests with mmap and unmaps them on free (and trims the heap's free top), so
-    the next step page-faults every page in again: ~100,000 faults a step at the minimind2-small
-    shape, which made steps 1.2-1.35x slower on 2 cores (results/bench/). The cost: the process keeps
-    its peak memory until it exits. No-op where the C library is not glibc.
+    every step page-faults those pages in again (results/bench/profile.md counts the faults and
+    their time). The price of keeping them: the process holds its peak memory until it exits. No-op
+    where the C library is not glibc.
     """
     libc = glibc()
     if libc is None:

@@ -27,8 +27,8 @@ def masked_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, loss_mask: 
 def build_optimizer(model: torch.nn.Module, train_cfg: DictConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW with weight decay on matrices only (not on norms and biases).
 
-    Fused: one kernel reads each parameter, gradient and moment once (on 2 CPU cores, 0.02 s instead of
-    0.06-0.16 s for foreach at 25.8M parameters). Foreach is kept for CPU runs logged before it became the default."""
+    Fused: one kernel reads each parameter, gradient and moment once, where foreach makes several passes over
+    them (results/bench/profile.md). Foreach is kept for CPU runs logged before it became the default."""
     params = [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]

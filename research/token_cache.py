@@ -289,7 +289,7 @@ def _worker_pool(job: TokenizeJob, workers: int):
     """A pool of `workers` processes, or None for one (then blocks are tokenized here, on one Rust thread).
 
     Forked where the platform can: a fork starts in milliseconds even with torch imported, while
-    spawn re-imports the parent's modules in every worker (~2.5 s each with torch, measured).
+    spawn re-imports the parent's modules, torch included, in every worker before it does any work.
     """
     if workers <= 1:
         with env_var("TOKENIZERS_PARALLELISM", "false"):
