@@ -8,6 +8,7 @@
     python run.py sync                             # upload runs that lost their tracking server (results/offline)
     python run.py resume=<run_id>                  # continue a stopped run from its newest checkpoint
     python run.py reproduce=<run_id>               # train a logged run again and compare the curves [allow_data_change=true]
+    python run.py compare A B [metric=test/loss]   # two sets of runs paired by seed: interval, verdict, differing keys [out=FILE.md]
     python run.py export run_id=<id> out=<dir>     # a run's model as a Llama folder (AutoModelForCausalLM)
     python run.py sample run_id=<id> prompt="..."  # generate from a run's model [temperature= top_k= max_new_tokens= seed= device=]
     python run.py tokenizer data.path=<data> out=<dir>  # train a BPE tokenizer on a corpus sample [vocab_size= sample_bytes=]
@@ -207,6 +208,27 @@ def sync(args: list[str]) -> int:
     return 0
 
 
+def compare(args: list[str]) -> int:
+    """`compare A [B] [metric=test/loss] [out=FILE] [lower_is_better=true]`: A and B select runs (research/compare.py)."""
+    import re
+
+    from rich.console import Console
+
+    from research.compare import compare as compare_runs
+    from research.tracking import connect, tracking_uri
+
+    selectors = [a for a in args if not re.match(r"^[\w.]+=", a)]  # a run id, id,id, an experiment[:filter]; not name=value
+    if not 1 <= len(selectors) <= 2:
+        raise UserError("usage: python run.py compare A B [metric=test/loss] [out=FILE.md]; A and B are run ids, id,id,..., "
+                        "an experiment name[:MLflow filter], or one sweep parent run id alone")
+    options, overrides = parse("compare", [a for a in args if a not in selectors],
+                               {"metric": (str, "test/loss"), "out": (str, ""), "lower_is_better": (bool, True)})
+    client = connect(tracking_uri(make_config(overrides)))
+    compare_runs(client, selectors[0], selectors[1] if len(selectors) > 1 else None, options["metric"], options["lower_is_better"],
+                 options["out"] or None, Console())
+    return 0
+
+
 def tokenizer(args: list[str]) -> int:
     """`tokenizer data.path=... out=DIR [vocab_size=6400] [sample_bytes=...]`: a tokenizer for your own corpus."""
     from research.data import TOKENIZER_SAMPLE_BYTES, train_tokenizer_on_corpus
@@ -219,7 +241,7 @@ def tokenizer(args: list[str]) -> int:
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "list": list_experiments, "help": list_experiments, "--help": list_experiments, "-h": list_experiments,
-    "keys": list_keys, "ui": ui, "sync": sync, "export": export, "sample": sample, "tokenizer": tokenizer,
+    "keys": list_keys, "ui": ui, "sync": sync, "compare": compare, "export": export, "sample": sample, "tokenizer": tokenizer,
 }
 
 

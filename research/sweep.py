@@ -321,7 +321,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: DictConfig, space: 
                      + "  ".join(f"{k}={v:.4g}" for k, v in trial.params.items()))
         hooks: list[Hooks] = [report]
         if client is not None:
-            run_id = start_run(client, trial_cfg, parent_run_id, {"sweep.study_name": study.study_name, "sweep.trial_number": str(trial.number)})
+            run_id = start_run(client, trial_cfg, parent_run_id, {"sweep.study_name": study.study_name, "sweep.trial_number": str(trial.number),
+                                                                 "sweep.stage": trial.user_attrs.get(STAGE_ATTR, "search")})
             trial.set_user_attr(CHILD_RUN_ATTR, run_id)
             hooks.insert(0, MLflowHook(client, run_id, log_artifacts=False))
         with get_heartbeat_thread(trial._trial_id, study._storage):
