@@ -159,7 +159,12 @@ def plan(trials: list[FrozenTrial], cfg: DictConfig, default_params: dict) -> tu
 
 
 def duplicate_of(trial: FrozenTrial, trials: list[FrozenTrial]) -> FrozenTrial | None:
-    """An earlier trial of the same configuration and seed that completed or is running: this one need not train."""
+    """An earlier trial of the same configuration and seed that completed or is running: this one need not train.
+
+    Only a trial queued with its parameters can be one: a search trial's are sampled when it starts.
+    """
+    if not trial_params(trial):
+        return None
     key, seed = config_key(trial_params(trial)), trial.user_attrs.get(SEED_ATTR)
     for other in trials:
         if other.number < trial.number and other.state in (TrialState.COMPLETE, TrialState.RUNNING) \

@@ -83,12 +83,20 @@ def summarise(study, cfg: DictConfig, recipe_cfg: DictConfig, space: dict, stora
     if importances:
         paragraphs.append("parameter importance (fANOVA, search-seed validation loss): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
     tables = [t for t in (evaluation_table(answer, default, cfg), choice_table(configs, answer, cfg)) if t]
+    shown = answer_trials(answer, cfg)
     tables.append((["trial", "stage", "seed", *space, "val loss", "test loss", "steps", "state", "note"], [trial_row(t, space) for t in trials],
-                   {i for i, t in enumerate(trials) if answer and t.number in answer.trial_numbers(eval_seeds(cfg))}))
+                   {i for i, t in enumerate(trials) if t.number in shown}))
     console.print("\n\n".join(paragraphs))
     write_report(study, f"Study {study.study_name}", paragraphs, tables, report_folders(cfg, study.study_name), client, parent_run_id, console)
     if client and parent_run_id:
         log_answer(client, parent_run_id, answer, default, paired, cfg, steps, importances, command, len(trials))
+
+
+def answer_trials(answer: Configuration | None, cfg: DictConfig) -> list[int]:
+    """The answer's trials the report points at: its evaluation runs, or without them the runs it was chosen on."""
+    if answer is None:
+        return []
+    return answer.trial_numbers(eval_seeds(cfg)) or answer.trial_numbers(choice_seeds(cfg))
 
 
 def how_chosen(cfg: DictConfig) -> str:
@@ -132,7 +140,7 @@ def choice_table(configs: list[Configuration], answer: Configuration | None, cfg
     rows = []
     for c in shown:
         values = c.val(seeds)
-        rows.append([format_params(c.params), *(f"{values[s]:.4f}" if s in values else "" for s in seeds),
+        rows.append([format_params(c.params) + (" (default)" if c.is_default else ""), *(f"{values[s]:.4f}" if s in values else "" for s in seeds),
                      spread(list(values.values())), f"{score(list(values.values()), cfg.sweep.choose_by):.4f}"])
     header = ["candidate", *(f"val, seed {s}" for s in seeds), "mean ± sd (n)", cfg.sweep.choose_by]
     return header, rows, {shown.index(answer)} if answer in shown else set()
@@ -251,7 +259,8 @@ def log_answer(client, parent_run_id: str, answer: Configuration | None, default
     if answer is not None:
         metrics.update({f"best/{k}": float(v) for k, v in answer.params.items()})
         tags.update({f"best.{k}": f"{v:.6g}" for k, v in answer.params.items()})
-        tags.update({"best.retrain_command": command, "best.trial_numbers": ",".join(map(str, answer.trial_numbers(seeds)))})
+        tags.update({"best.retrain_command": command, "best.trial_numbers": ",".join(map(str, answer_trials(answer, cfg)))})
+        metrics["best/choice_score"] = score(list(answer.val(choice_seeds(cfg)).values()), cfg.sweep.choose_by)  # what it was chosen on
     if paired is not None and paired.n:
         low, high = paired.interval
         metrics.update({"paired/test_loss_diff": paired.mean, "paired/n": float(paired.n)})

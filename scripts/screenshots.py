@@ -44,7 +44,7 @@ SMALL_RUN = [
     "model.num_key_value_heads=2", "data.seq_len=64", "train.batch_size=8", "train.max_steps=40", "train.eval_every=10",
     "train.eval_batches=2", "train.log_every=5", "train.precision=fp32", "tracking.log_hf_model=false", f"tracking.experiment={EXPERIMENT}",
 ]
-SWEEP = ["exp=lr_sweep", "sweep.n_trials=4", "sweep.warmup_max=10", "train.warmup_steps=0", "train.sample_tokens=0"]
+SWEEP = ["exp=lr_sweep", "sweep.n_trials=4", "train.warmup_steps=0", "train.sample_tokens=0"]
 
 
 def free_port() -> int:

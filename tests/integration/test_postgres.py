@@ -21,7 +21,7 @@ from research.sweep import CHILD_RUN_ATTR
 from research.tracking import connect
 
 STUDY = "lr_sweep-sweep"
-SWEEP = {**TINY, "train.max_steps": 8, "train.eval_every": 4, "train.eval_batches": 1, "train.sample_tokens": 0, "sweep.confirm_seeds": 0,
+SWEEP = {**TINY, "train.max_steps": 8, "train.eval_every": 4, "train.eval_batches": 1, "train.sample_tokens": 0, "sweep.confirm_seeds": 0, "sweep.eval_seeds": 0,
          "data.path": str(REPO / "tests" / "data" / "tang_song.jsonl"), "exp": "lr_sweep"}
 
 

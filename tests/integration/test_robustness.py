@@ -290,7 +290,7 @@ def check_losing_the_server_mid_run(server, uri, db, out, tiny) -> None:
 
 
 SWEEP = {**TINY, **FAST, "model.hidden_size": 32, "data.seq_len": 32, "train.eval_every": 10, "train.eval_batches": 1, "train.threads": 1,
-         "sweep.pruner": "none", "sweep.confirm_seeds": 0}
+         "sweep.pruner": "none", "sweep.confirm_seeds": 0, "sweep.eval_seeds": 0}
 
 
 def test_two_workers_on_sqlite_one_killed_mid_trial_the_other_finishes_the_study(store, token_cache):
@@ -344,7 +344,7 @@ def rss_bytes() -> int:
 def test_thirty_trials_in_one_process_do_not_leak_memory(store, token_cache):
     values = {**SWEEP, "model.hidden_size": 16, "model.num_hidden_layers": 1, "model.num_attention_heads": 2, "model.num_key_value_heads": 1, "data.seq_len": 16,
               "train.batch_size": 2, "train.max_steps": 3, "train.warmup_steps": 0, "train.eval_every": 0, "train.log_every": 3,
-              "out_dir": str(store), "data.cache_dir": token_cache, "sweep.warmup_max": 0}
+              "out_dir": str(store), "data.cache_dir": token_cache}
     cfg = registry.build("lr_sweep", {**values, "sweep.n_trials": 3})
     run_sweep(cfg)
     after_three = rss_bytes()

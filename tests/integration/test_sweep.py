@@ -17,6 +17,7 @@ from optuna.trial import TrialState
 
 from conftest import REPO, TINY, run_cli
 from research import registry, sweep
+from research.search_space import Float, Int
 from research.errors import UserError
 from research.model import MiniMindForCausalLM
 from research.sweep import CHILD_RUN_ATTR, END_REASON_ATTR, PARENT_RUN_ATTR, run_sweep
@@ -24,7 +25,7 @@ from research.tracking import artifact_root, connect, experiment_id, tracking_ur
 
 STUDY = "lr_sweep-sweep"  # the default name for exp=lr_sweep
 SWEEP = {**TINY, "train.max_steps": 8, "train.eval_every": 4, "train.eval_batches": 1, "train.sample_tokens": 0, "sweep.confirm_seeds": 0,
-         "data.path": str(REPO / "tests" / "data" / "tang_song.jsonl")}  # 100k tokens: tokenized in a blink
+         "sweep.eval_seeds": 0, "data.path": str(REPO / "tests" / "data" / "tang_song.jsonl")}  # 100k tokens: tokenized in a blink
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +80,7 @@ def test_study_logs_one_parent_and_a_child_per_trial_and_resumes_without_duplica
     parent = parents[0]
     assert study.user_attrs[PARENT_RUN_ATTR] == parent.info.run_id
     assert parent.data.tags["sweep.study_name"] == STUDY and parent.data.tags["sweep.storage"].startswith("sqlite:///")
-    assert parent.info.run_name == "lr_sweep" and parent.data.params["sweep.n_trials"] == "4" and parent.data.params["sweep.lr_max"]
+    assert parent.info.run_name == "lr_sweep" and parent.data.params["sweep.n_trials"] == "4" and parent.data.params["sweep.eval_seeds"] == "0"
     assert not any(key.startswith(("sweep.", "bench.")) for child in sum(children.values(), []) for key in child.data.params)
     assert "log-uniform" in parent.data.tags["sweep.space.train.lr"] and parent.data.tags["sweep.pruner"].startswith("MedianPruner")
     for trial in trials:
@@ -92,19 +93,21 @@ def test_study_logs_one_parent_and_a_child_per_trial_and_resumes_without_duplica
             assert child.data.params[key] == str(trial.params[key])
         losses = client.get_metric_history(child.info.run_id, "train/loss")
         assert sorted(m.step for m in losses) == list(range(1, max(trial.intermediate_values) + 1))
-    best = study.best_trial
+    searched = sorted((t for t in trials if t.user_attrs["stage"] == "search" and t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    best = searched[0]  # no confirmation seeds: the best searched trial (the default is the reference, not a candidate)
     assert parent.data.tags["best.trial_numbers"] == str(best.number)
-    assert parent.data.metrics["best/val_loss"] == pytest.approx(best.value)
+    assert parent.data.metrics["best/choice_score"] == pytest.approx(best.value)
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"summary.md", "summary.html", "optimization_history.png", "intermediate_values.png", "config.yaml"} <= artifacts
     for folder in (tmp_path / "results" / "sweeps" / STUDY, tmp_path / "committed"):  # the study's own folder, and sweep.report_dir
         summary = (folder / "summary.md").read_text()
-        assert f"**best**: train.lr={best.params['train.lr']:.4g}" in summary and f"\n| {best.number} | " in summary
-        assert summary.count("\n| ") == 2 + 4 + 4  # two headers, a row per configuration and one per trial
+        assert f"**answer**: train.lr={best.params['train.lr']:.4g}" in summary and f"\n| {best.number} | " in summary
+        candidates = min(2, len(searched))
+        assert summary.count("\n| ") == 2 + candidates + 4  # two headers, a row per candidate and one per trial
         assert (folder / "optimization_history.png").stat().st_size > 0
         page = (folder / "summary.html").read_text()  # self-contained: the plots are embedded, the best highlighted
         assert page.count('<img src="data:image/png;base64,') == len(list(folder.glob("*.png"))) >= 2
-        assert f'<tr class="best"><td>{best.number}</td>' in page and page.count("<tr") == 2 + 4 + 4
+        assert f'<tr class="best"><td>{best.number}</td>' in page and page.count("<tr") == 2 + candidates + 4
 
     run_ids = {r.info.run_id for r in [parent, *sum(children.values(), [])]}
     run_sweep(sweep_cfg(sweep__n_trials=4))  # the same command again: nothing left to do
@@ -138,9 +141,8 @@ def test_two_workers_on_one_journal_share_the_study(sweep_cfg, tmp_path, token_c
 
 
 def test_median_pruner_stops_trials_with_absurd_learning_rates(sweep_cfg):
-    cfg = sweep_cfg(sweep__n_trials=4, sweep__pruner="median", sweep__prune_after_trials=1, sweep__prune_after_steps=4,
-                    sweep__lr_min=1e-3, sweep__lr_max=10.0)
-    trials = run_sweep(cfg).get_trials()
+    cfg = sweep_cfg(sweep__n_trials=4, sweep__pruner="median", sweep__prune_after_trials=1, sweep__prune_after_steps=4)
+    trials = run_sweep(cfg, space={"train.lr": Float(1e-3, 10.0, log=True)}).get_trials()
     pruned = [t for t in trials if t.state == TrialState.PRUNED]
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert pruned and complete
@@ -157,8 +159,8 @@ def test_median_pruner_stops_trials_with_absurd_learning_rates(sweep_cfg):
 
 
 def test_a_diverging_trial_fails_and_the_study_goes_on(sweep_cfg):
-    cfg = sweep_cfg(sweep__n_trials=3, sweep__pruner="none", sweep__lr_min=1e-3, sweep__lr_max=1e9, sweep__enqueue_default=False)
-    trials = run_sweep(cfg).get_trials()
+    cfg = sweep_cfg(sweep__n_trials=3, sweep__pruner="none", sweep__enqueue_default=False)
+    trials = run_sweep(cfg, space={"train.lr": Float(1e-3, 1e9, log=True)}).get_trials()
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert failed and any(t.state == TrialState.COMPLETE and t.number > failed[0].number for t in trials)
     _, children = runs_of(cfg)
@@ -174,8 +176,9 @@ def test_a_dead_workers_trial_is_failed_and_queued_again(sweep_cfg, tmp_path, ki
     url = str(tmp_path / "study.journal") if kind == "journal" else f"sqlite:///{tmp_path / 'optuna.db'}"
     cfg = sweep_cfg(sweep__n_trials=2, sweep__storage=url, sweep__heartbeat_s=1, sweep__grace_s=2)
     storage = sweep.open_storage(url, cfg.sweep, on_stale=None)
-    study, _ = sweep.open_study(STUDY, storage, sweep.make_pruner(cfg), cfg)
-    stale = sweep.take_queued_trial(study, cfg.seed, 1, sweep.Console())  # a trial whose worker was killed, with its child run left RUNNING
+    space = sweep.active_space(cfg, registry.search_space("lr_sweep"))
+    study, _ = sweep.open_study(STUDY, storage, sweep.make_pruner(cfg), cfg, space)
+    stale = sweep.take_queued_trial(study, cfg, space, 1, sweep.Console())  # a trial whose worker was killed, with its child run left RUNNING
     client = MlflowClient(tracking_uri(cfg))
     run_id = client.create_run(experiment_id(client, "lr_sweep", artifact_root(cfg))).info.run_id
     stale.set_user_attr(CHILD_RUN_ATTR, run_id)
@@ -201,35 +204,51 @@ def test_reports_show_storages_inside_the_repo_relative_to_it():
 
 
 def test_bad_bounds_and_storages_are_one_line_errors(sweep_cfg):
-    with pytest.raises(UserError, match="sweep.lr_min <= sweep.lr_max"):
-        run_sweep(sweep_cfg(sweep__n_trials=1, sweep__lr_min=1e-2, sweep__lr_max=1e-3))
+    with pytest.raises(UserError, match="search space of train.lr: need low <= high"):
+        run_sweep(sweep_cfg(sweep__n_trials=1), space={"train.lr": Float(1e-2, 1e-3, log=True)})
+    with pytest.raises(UserError, match="search space names 'train.learning_rate', which is not a config key"):
+        run_sweep(sweep_cfg(sweep__n_trials=1), space={"train.learning_rate": Float(1e-3, 1e-2)})
+    with pytest.raises(UserError, match="'sweep.lr_min' is gone: a sweep searches its recipe's SEARCH_SPACE"):
+        sweep_cfg(sweep__lr_min=1e-3)
     with pytest.raises(UserError, match="cannot open Optuna storage nosuchdb://u:\\*\\*\\*@host/x"):
         run_sweep(sweep_cfg(sweep__n_trials=1, sweep__storage="nosuchdb://u:secret@host/x"))
 
 
-def test_the_default_comes_first_confirmations_give_mean_and_sd_and_the_retrain_command_repeats_the_trial(sweep_cfg, tmp_path):
-    cfg = sweep_cfg(sweep__n_trials=3, sweep__confirm_top_k=1, sweep__confirm_seeds=1, sweep__pruner="none")
+def test_search_confirm_evaluate_on_separate_seeds_and_the_retrain_command_repeats_the_trial(sweep_cfg, tmp_path):
+    cfg = sweep_cfg(sweep__n_trials=3, sweep__confirm_top_k=1, sweep__confirm_seeds=1, sweep__eval_seeds=2, sweep__pruner="none")
     trials = run_sweep(cfg).get_trials()
     default = {"train.lr": cfg.train.lr, "train.warmup_steps": cfg.train.warmup_steps, "train.min_lr_ratio": cfg.train.min_lr_ratio}
-    assert trials[0].user_attrs["stage"] == "default" and trials[0].params == pytest.approx(default)
-    confirm = [t for t in trials if t.user_attrs["stage"] == "confirm"]
-    assert len(trials) == 5 and all(t.state == TrialState.COMPLETE for t in trials)
-    assert [t.user_attrs["seed"] for t in confirm] == [cfg.seed + 1] * 2 and confirm[0].params == trials[0].params
-    searched = sorted(trials[1:3], key=lambda t: t.value)
-    assert confirm[1].params == searched[0].params  # the best searched configuration, retrained at the new seed
+    stages = [(t.user_attrs["stage"], t.user_attrs["seed"]) for t in trials]
+    s = cfg.seed
+    assert stages == [("default", s), ("search", s), ("search", s), ("confirm", s + 1),
+                      ("evaluate", s + 1000), ("evaluate", s + 1001), ("evaluate", s + 1000), ("evaluate", s + 1001)]
+    assert trials[0].params == pytest.approx(default) and all(t.state == TrialState.COMPLETE for t in trials)
+    searched = min(trials[1:3], key=lambda t: t.value)
+    assert trials[3].params == searched.params  # the best searched configuration, retrained at a new seed
+    answer_eval, default_eval = trials[4:6], trials[6:8]
+    assert all(t.params == searched.params for t in answer_eval) and all(t.params == pytest.approx(default) for t in default_eval)
+    assert all(t.user_attrs["test_loss"] > 0 for t in answer_eval + default_eval)
 
     parents, children = runs_of(cfg)
     (parent,) = parents
     metrics, tags = parent.data.metrics, parent.data.tags
-    assert metrics["sweep/total_steps"] == 5 * cfg.train.max_steps and sorted(children) == [0, 1, 2, 3, 4]
-    pairs = {"default": (trials[0], confirm[0]), "best": (searched[0], confirm[1])}
-    chosen = min(pairs, key=lambda k: statistics.fmean(t.value for t in pairs[k]))
-    values = [t.value for t in pairs[chosen]]
-    assert metrics["best/val_loss"] == pytest.approx(statistics.fmean(values)) and metrics["best/val_loss_n"] == 2
-    assert metrics["best/val_loss_sd"] == pytest.approx(statistics.stdev(values))
-    assert metrics["default/val_loss"] == pytest.approx(statistics.fmean(t.value for t in pairs["default"]))
+    assert metrics["sweep/total_steps"] == 8 * cfg.train.max_steps and sorted(children) == list(range(8))
+    answer_test = [t.user_attrs["test_loss"] for t in answer_eval]
+    default_test = [t.user_attrs["test_loss"] for t in default_eval]
+    assert metrics["best/test_loss"] == pytest.approx(statistics.fmean(answer_test)) and metrics["best/test_loss_n"] == 2
+    assert metrics["default/test_loss"] == pytest.approx(statistics.fmean(default_test))
+    diffs = [a - b for a, b in zip(answer_test, default_test)]
+    assert metrics["paired/test_loss_diff"] == pytest.approx(statistics.fmean(diffs)) and metrics["paired/n"] == 2
+    assert tags["best.trial_numbers"] == "4,5" and "answer - default on test loss" in tags["best.verdict"]
+    assert children[4][0].data.tags["sweep.stage"] == "evaluate" and children[4][0].data.metrics["test/loss"] == pytest.approx(answer_test[0])
     summary = (tmp_path / "results" / "sweeps" / STUDY / "summary.md").read_text()
-    assert f"{statistics.fmean(values):.4f} ± {statistics.stdev(values):.3f} (n=2)" in summary and "verdict" in summary
+    assert f"test loss at seeds [{s + 1000}, {s + 1001}]" in summary and "95% CI" in summary
+
+    compared = run_cli("compare", parent.info.run_id, f"out_dir={cfg.out_dir}", f"out={tmp_path / 'compare.md'}")
+    assert compared.returncode == 0, compared.stderr[-2000:]
+    report = (tmp_path / "compare.md").read_text()
+    assert f"| {s + 1000} | {answer_test[0]:.4f} | {default_test[0]:.4f} |" in report
+    assert f"mean difference (A - B): **{statistics.fmean(diffs):+.4f}**" in report and "| train.lr |" in report
 
     command = shlex.split(tags["best.retrain_command"])
     assert command[:4] == ["python", "run.py", "exp=lr_sweep", "sweep.n_trials=0"]
@@ -237,18 +256,18 @@ def test_the_default_comes_first_confirmations_give_mean_and_sd_and_the_retrain_
     assert proc.returncode == 0, proc.stderr[-2000:]
     client = MlflowClient(tracking_uri(cfg))
     (run,) = client.search_runs([client.get_experiment_by_name("retrain").experiment_id])
-    best_first_seed = pairs[chosen][0]
-    assert {k: float(v) for k, v in run.data.params.items() if k in default} == pytest.approx(best_first_seed.params)
-    assert run.data.metrics["final/val_loss"] == pytest.approx(best_first_seed.value, abs=1e-5)  # the same training as the trial
+    assert {k: float(v) for k, v in run.data.params.items() if k in default} == pytest.approx(searched.params)
+    assert run.data.metrics["final/val_loss"] == pytest.approx(searched.value, abs=1e-5)  # the same training as the search trial
 
 
 def test_a_grid_runs_every_point_at_every_seed(sweep_cfg):
-    cfg = sweep_cfg(sweep__sampler="grid", sweep__grid_lr=[1e-3, 3e-3], sweep__grid_min_lr_ratio=[0.1], sweep__grid_seeds=2,
-                    sweep__n_trials=4, sweep__pruner="none", sweep__enqueue_default=False)
-    trials = run_sweep(cfg).get_trials()
+    grid = {"train.lr": Float(1e-3, 3e-3, log=True, grid=(1e-3, 3e-3)), "train.warmup_steps": Int(0, 4), "train.min_lr_ratio": Float(0.0, 1.0, grid=(0.1,))}
+    cfg = sweep_cfg(sweep__sampler="grid", sweep__grid_seeds=2, sweep__n_trials=4, sweep__pruner="none", sweep__enqueue_default=False)
+    trials = run_sweep(cfg, space=grid).get_trials()
     assert sorted((t.params["train.lr"], t.user_attrs["seed"]) for t in trials) == [(1e-3, 1337), (1e-3, 1338), (3e-3, 1337), (3e-3, 1338)]
     assert all(t.state == TrialState.COMPLETE and t.params["train.min_lr_ratio"] == 0.1 for t in trials)
     summary = (Path(cfg.out_dir) / "sweeps" / STUDY / "summary.md").read_text()
-    assert f"**default**: train.lr={cfg.train.lr:.4g} train.min_lr_ratio=0.1: " in summary  # the grid point with the recipe's values
-    with pytest.raises(UserError, match="sweep.sampler=grid needs"):
-        run_sweep(sweep_cfg(sweep__sampler="grid", sweep__grid_lr=[1e-3], sweep__grid_min_lr_ratio=[0.1], sweep__n_trials=3))
+    assert f"| train.lr={cfg.train.lr:.4g} train.min_lr_ratio=0.1 (default) |" in summary  # the grid point with the recipe's values
+    assert all("train.warmup_steps" not in t.params for t in trials)  # no grid values: the recipe's warmup
+    with pytest.raises(UserError, match="sweep.sampler=grid needs sweep.n_trials = the grid's points x sweep.grid_seeds = 4"):
+        run_sweep(sweep_cfg(sweep__sampler="grid", sweep__grid_seeds=2, sweep__n_trials=3), space=grid)

@@ -137,3 +137,6 @@ def test_queued_and_failed_runs_are_not_planned_twice_and_duplicates_are_found(c
     assert study_plan.duplicate_of(trials[-1], study.get_trials()) is None
     study.enqueue_trial({"train.lr": 2e-3}, user_attrs={STAGE_ATTR: "confirm", SEED_ATTR: s + 2})  # planned twice at once
     assert study_plan.duplicate_of(study.get_trials()[-1], study.get_trials()).number == twin.number
+    study.enqueue_trial({}, user_attrs={STAGE_ATTR: "search", SEED_ATTR: s})
+    study.enqueue_trial({}, user_attrs={STAGE_ATTR: "search", SEED_ATTR: s})
+    assert study_plan.duplicate_of(study.get_trials()[-1], study.get_trials()) is None  # search trials get their values when they start
