@@ -65,7 +65,7 @@ def build(cfg: DictConfig, env: distributed.DistEnv) -> Components:
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
     state = TrainState(model=model, optimizer=optimizer, scaler=scaler, sampler=sampler)
     if cfg.train.resume_from:
-        state.load_state_dict(load_checkpoint(resolve_path(cfg.train.resume_from))["state"])
+        state.load_state_dict(load_checkpoint(resolve_path(cfg.train.resume_from))["state"], env.rank)  # each rank its own RNG
     else:
         seed_everything(cfg.seed + env.rank)  # dropout differs per rank; data order comes from the sampler
 

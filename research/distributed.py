@@ -81,6 +81,15 @@ def broadcast_object(obj, env: DistEnv):
     return box[0]
 
 
+def gather_to_main(obj, env: DistEnv) -> list | None:
+    """Every rank's picklable `obj`, indexed by rank, on rank 0 (None on the others); [obj] for one process."""
+    if not env.is_distributed:
+        return [obj]
+    gathered = [None] * env.world_size if env.is_main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
 @contextmanager
 def rank_zero_first(env: DistEnv):
     """Rank 0 runs the block first (building a shared cache, say); the others run it once it is done,

@@ -82,3 +82,31 @@ def test_a_two_rank_run_resumed_in_one_process_keeps_its_tokens_per_step(tmp_pat
         assert torch.allclose(resumed["model"][name], weight, atol=1e-5), name  # DDP's all-reduce vs local accumulation: summation order only
     run = client.get_run(run.info.run_id)
     assert run.info.status == "FINISHED" and run.data.tags["world_size"] == "1" and run.data.tags["resume.train.grad_accum"] == "2"
+
+
+def test_a_two_rank_run_with_dropout_resumed_from_a_checkpoint_is_bitwise_identical(tmp_path, token_cache):
+    """Each rank draws its own dropout masks; a checkpoint keeps every rank's RNG state, so a 2-rank resume equals the run it left."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    settings = {**TINY, "out_dir": str(tmp_path / "results"), "data.cache_dir": token_cache, "tracking.uri": uri, "model.dropout": 0.1,
+                "train.batch_size": TINY["train.batch_size"] // 2, "train.threads": 1, "train.sample_tokens": 0, "tracking.log_hf_model": False,
+                "train.checkpoint_every": 4, "train.keep_checkpoints": 0}
+    runs = {"whole": {}, "resumed": {"train.resume_from": str(checkpoint_path(tmp_path / "whole", 4))}}
+    for name, extra in runs.items():
+        args = {**settings, "tracking.run_name": name, "train.checkpoint_dir": str(tmp_path / name), **extra}
+        proc = subprocess.run(TORCHRUN + [f"{k}={v}" for k, v in args.items()], cwd=REPO, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    client = MlflowClient(uri)
+    found = {r.info.run_name: r.info.run_id for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+    losses = {name: {m.step: m.value for m in client.get_metric_history(found[name], "train/loss")} for name in runs}
+    assert sorted(losses["resumed"]) == list(range(5, TINY["train.max_steps"] + 1))
+    assert losses["resumed"] == {step: loss for step, loss in losses["whole"].items() if step > 4}  # exactly, not within a tolerance
+
+    final = checkpoint_path(tmp_path / "whole", TINY["train.max_steps"]).name
+    whole, resumed = (load_checkpoint(tmp_path / name / final)["state"] for name in runs)
+    assert whole["model"].keys() == resumed["model"].keys()
+    assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
+    assert len(whole["rng"]) == len(resumed["rng"]) == 2  # one state per rank
+    assert not torch.equal(whole["rng"][0]["torch"], whole["rng"][1]["torch"])  # the ranks' dropout masks differ
+    for rank in range(2):
+        assert torch.equal(whole["rng"][rank]["torch"], resumed["rng"][rank]["torch"]), f"rank {rank}"
