@@ -54,7 +54,7 @@ def build(cfg: DictConfig, env: distributed.DistEnv) -> Components:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if len(tokenizer) > cfg.model.vocab_size:
         raise UserError(f"tokenizer at {cfg.data.tokenizer} has {len(tokenizer)} tokens but model.vocab_size={cfg.model.vocab_size}; set model.vocab_size>={len(tokenizer)}")
-    with distributed.rank_zero_first(env):  # rank 0 builds the token cache, the others then read it
+    with distributed.rank_zero_first(env, "preparing the token cache"):  # rank 0 builds it (if needed), the others then read it
         train_ds, val_ds, data_info = build_datasets(cfg.data, tokenizer)
     sampler = BatchSampler(train_ds, cfg.train.batch_size, seed=cfg.seed, rank=env.rank, world_size=env.world_size)
 

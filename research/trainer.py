@@ -160,7 +160,7 @@ def derived_quantities(cfg: DictConfig, run: Components, env: distributed.DistEn
     """What the config implies, printed once at the start and handed to the hooks."""
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum * env.world_size
     threads = torch.get_num_threads() if env.device.type == "cpu" else 1
-    with distributed.rank_zero_first(env):  # one CPU measurement, cached, rather than one per rank at once
+    with distributed.rank_zero_first(env, "measuring peak FLOP/s"):  # one CPU measurement, cached, rather than one per rank at once
         peak = peak_flops(env.device, run.precision, resolve_path(cfg.out_dir) / "cache")
     model = run.state.model
     return {
