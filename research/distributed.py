@@ -111,7 +111,8 @@ def rank_zero_first(env: DistEnv, what: str = "preparing the run"):
     if not env.is_distributed:
         yield
         return
-    store = dist.PrefixStore(f"minilm/rank_zero_first/{next(_rank_zero_turns)}/", dist.distributed_c10d._get_default_store())
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # keys of its own for each (re)start of the job and each call
+    store = dist.PrefixStore(f"minilm/rank_zero_first/{attempt}/{next(_rank_zero_turns)}/", dist.distributed_c10d._get_default_store())
     if env.is_main:
         try:
             with relayed_to(lambda line: store.set("progress", line)):
