@@ -55,7 +55,7 @@ def build(cfg: DictConfig, env: distributed.DistEnv) -> Components:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if len(tokenizer) > cfg.model.vocab_size:
         raise UserError(f"tokenizer at {cfg.data.tokenizer} has {len(tokenizer)} tokens but model.vocab_size={cfg.model.vocab_size}; set model.vocab_size>={len(tokenizer)}")
-    with distributed.rank_zero_first(env):  # rank 0 builds the token cache, the others then read it
+    with distributed.rank_zero_first(env, "preparing the token cache"):  # rank 0 builds it (if needed), the others then read it
         train_ds, val_ds, test_ds, data_info = build_datasets(cfg.data, tokenizer)
     sampler = BatchSampler(train_ds, cfg.train.batch_size, seed=cfg.seed, rank=env.rank, world_size=env.world_size)
 
@@ -66,7 +66,7 @@ def build(cfg: DictConfig, env: distributed.DistEnv) -> Components:
     scaler = torch.amp.GradScaler(env.device.type, enabled=precision == "fp16")
     state = TrainState(model=model, optimizer=optimizer, scaler=scaler, sampler=sampler)
     if cfg.train.resume_from:
-        state.load_state_dict(load_checkpoint(resolve_path(cfg.train.resume_from))["state"])
+        state.load_state_dict(load_checkpoint(resolve_path(cfg.train.resume_from))["state"], env.rank)  # each rank its own RNG
     else:
         seed_everything(cfg.seed + env.rank)  # dropout differs per rank; data order comes from the sampler
 

@@ -182,8 +182,8 @@ def apply_overrides(cfg: DictConfig, overrides: dict[str, Any] | list[str]) -> D
         if key not in keys:
             raise UserError(_unknown_key_message(key))
         try:
-            if isinstance(value, str):
-                OmegaConf.update(cfg, key, OmegaConf.from_dotlist([f"x={value}"]).x, merge=False)
+            if isinstance(value, str):  # parsed as YAML ('3e-4', 'true', '[a, b]'); an empty value is the empty string, not null
+                OmegaConf.update(cfg, key, OmegaConf.from_dotlist([f"x={value}"]).x if value else "", merge=False)
             else:
                 OmegaConf.update(cfg, key, value, merge=False)
         except (ValidationError, ConfigKeyError, ConfigAttributeError, OmegaConfBaseException) as err:

@@ -7,14 +7,18 @@ the project asks this module who it is instead of reading the environment itself
 
 from __future__ import annotations
 
+import itertools
 import os
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from research.errors import UserError
+from research.progress import PLAIN_EVERY_S, format_seconds, relayed_to
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,9 @@ def pick_device(preference: str, local_rank: int = 0) -> torch.device:
     return device
 
 
+PROCESS_GROUP_TIMEOUT_S: float | None = None  # how long a collective waits for the other ranks; None: torch's default (30 min with gloo)
+
+
 def setup(device_preference: str = "auto") -> DistEnv:
     """Join the process group when launched by torchrun; a no-op for a single process."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -54,7 +61,8 @@ def setup(device_preference: str = "auto") -> DistEnv:
     if world_size > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        timeout = timedelta(seconds=PROCESS_GROUP_TIMEOUT_S) if PROCESS_GROUP_TIMEOUT_S else None
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     return DistEnv(rank=rank, local_rank=local_rank, world_size=world_size, device=device)
 
 
@@ -81,15 +89,88 @@ def broadcast_object(obj, env: DistEnv):
     return box[0]
 
 
+def gather_to_main(obj, env: DistEnv) -> list | None:
+    """Every rank's picklable `obj`, indexed by rank, on rank 0 (None on the others); [obj] for one process."""
+    if not env.is_distributed:
+        return [obj]
+    gathered = [None] * env.world_size if env.is_main else None
+    dist.gather_object(obj, gathered, dst=0)
+    return gathered
+
+
 @contextmanager
-def rank_zero_first(env: DistEnv):
+def rank_zero_first(env: DistEnv, what: str = "preparing the run"):
     """Rank 0 runs the block first (building a shared cache, say); the others run it once it is done,
-    so they find the result instead of racing to build it too."""
-    if env.is_distributed and not env.is_main:
-        dist.barrier()
-    yield
-    if env.is_distributed and env.is_main:
-        dist.barrier()
+    so they find the result instead of racing to build it too.
+
+    `what` names rank 0's work for the waiting ranks ("preparing the token cache"). They poll the job's
+    store rather than wait in a barrier, so a build of any length cannot time out while rank 0 works,
+    and they print rank 0's progress (relayed from its WorkProgress). If rank 0 fails in the block, each
+    of them stops with a one-line UserError that quotes rank 0's.
+    """
+    if not env.is_distributed:
+        yield
+        return
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")  # keys of its own for each (re)start of the job and each call
+    store = dist.PrefixStore(f"minilm/rank_zero_first/{attempt}/{next(_rank_zero_turns)}/", dist.distributed_c10d._get_default_store())
+    if env.is_main:
+        try:
+            with relayed_to(lambda line: store.set("progress", line)):
+                yield
+        except BaseException as err:
+            report_failure(store, err, env)
+            raise
+        store.set("done", "1")
+    else:
+        wait_for_rank_zero(store, what, env)
+        yield
+
+
+_rank_zero_turns = itertools.count()  # every rank calls rank_zero_first in the same order: the n-th call's keys are its own
+WAIT_POLL_S = 0.2  # how often a waiting rank looks at the store
+WAIT_REPORT_EVERY_S = PLAIN_EVERY_S  # how often it prints rank 0's progress
+FAILURE_READ_S = 10.0  # how long a failing rank 0 waits for the others to read why, and they for it to exit
+
+
+def wait_for_rank_zero(store: dist.Store, what: str, env: DistEnv) -> None:
+    """Poll until rank 0 is done; print its progress line every WAIT_REPORT_EVERY_S (one waiting rank per node prints)."""
+    started = last_report = time.monotonic()
+    prints = env.local_rank == (1 if env.rank == env.local_rank else 0)  # torchrun numbers node 0's ranks 0..n-1
+    while True:
+        try:
+            failed, done = store.check(["failed"]), store.check(["done"])
+            if failed:
+                message = store.get("failed").decode()
+                store.add("read", 1)
+            line = store.get("progress").decode() if prints and store.check(["progress"]) else ""
+        except (RuntimeError, dist.DistError) as err:  # the store is gone: so is the job's launcher, or rank 0 hosting it
+            raise UserError(f"rank {env.rank} lost rank 0 while it was {what} ({type(err).__name__}: {err}); see rank 0's output") from None
+        if failed:
+            try:  # rank 0 reports first; its exit makes torchrun stop this rank (SIGTERM, a KeyboardInterrupt in train())
+                time.sleep(FAILURE_READ_S)
+            except KeyboardInterrupt:
+                pass
+            raise UserError(f"rank 0 failed while {what}: {message}")
+        if done:
+            return
+        now = time.monotonic()
+        if prints and now - last_report >= WAIT_REPORT_EVERY_S:
+            last_report = now
+            print(f"rank {env.rank} waits for rank 0, {what} ({format_seconds(now - started)} so far){': ' + line if line else ''}", flush=True)
+        time.sleep(WAIT_POLL_S)
+
+
+def report_failure(store: dist.Store, err: BaseException, env: DistEnv) -> None:
+    """Tell the waiting ranks why rank 0 failed, and give them up to FAILURE_READ_S to read it (before torchrun stops them)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    reason = "interrupted" if isinstance(err, KeyboardInterrupt) else text if isinstance(err, UserError) else f"{type(err).__name__}: {text}"
+    try:
+        store.set("failed", reason)
+        deadline = time.monotonic() + FAILURE_READ_S
+        while store.add("read", 0) < env.world_size - 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    except (RuntimeError, dist.DistError):
+        pass  # the store is gone too; rank 0's own error says it all
 
 
 def launched_rank() -> int:

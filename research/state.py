@@ -1,8 +1,8 @@
 """The trainer's state: everything the next optimizer step depends on, in one serializable object.
 
 A checkpoint is `TrainState.state_dict()` and a resume is `load_state_dict(...)`: model, optimizer,
-gradient scaler, data position, step, tokens seen and every RNG, so a resumed run continues bitwise
-where it stopped.
+gradient scaler, data position, step, tokens seen and every RNG of every rank, so a resumed run
+continues bitwise where it stopped.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     tokens_seen: int = 0  # training tokens consumed, all ranks
 
-    def state_dict(self) -> dict:
+    def state_dict(self, rank_rngs: list[dict] | None = None) -> dict:
+        """rank_rngs: every rank's `rng_state()`, indexed by rank (see `distributed.gather_to_main`); default, this process's alone."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -35,17 +36,18 @@ class TrainState:
             "data": self.sampler.state_dict(),
             "step": self.step,
             "tokens_seen": self.tokens_seen,
-            "rng": rng_state(),
+            "rng": rank_rngs if rank_rngs is not None else [rng_state()],
         }
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, rank: int = 0) -> None:
+        """Restore `state`; `rank` takes its own RNG state (dropout masks differ per rank)."""
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.sampler.load_state_dict(state["data"])
         self.step = state["step"]
         self.tokens_seen = state["tokens_seen"]
-        set_rng_state(state["rng"])
+        restore_rank_rng(state["rng"], rank)
 
 
 def seed_everything(seed: int) -> None:
@@ -59,6 +61,21 @@ def rng_state() -> dict:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def restore_rank_rng(saved: list[dict] | dict, rank: int) -> None:
+    """Set this rank's RNG state from a checkpoint's: a list, one state per rank, or a single dict (rank 0's alone,
+    as checkpoints held before each rank's state was kept).
+
+    A rank the checkpoint has no state for (resumed on more ranks than it was written on, or from a single dict)
+    takes rank 0's state and reseeds from a draw of it plus its rank, so the ranks' dropout masks still differ.
+    """
+    states = saved if isinstance(saved, list) else [saved]
+    if rank < len(states):
+        set_rng_state(states[rank])
+        return
+    set_rng_state(states[0])
+    seed_everything(int(torch.randint(2**31, ())) + rank)
 
 
 def set_rng_state(state: dict) -> None:

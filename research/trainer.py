@@ -32,7 +32,7 @@ from research.metrics import MetricLog
 from research.model import MiniMindForCausalLM, flops_per_token, num_params
 from research.sample import generate_samples
 from research.schedule import lr_at
-from research.state import TrainState
+from research.state import TrainState, rng_state
 
 
 class Hooks:
@@ -165,7 +165,7 @@ def derived_quantities(cfg: DictConfig, run: Components, env: distributed.DistEn
     """What the config implies, printed once at the start and handed to the hooks."""
     tokens_per_step = cfg.train.batch_size * cfg.data.seq_len * cfg.train.grad_accum * env.world_size
     threads = torch.get_num_threads() if env.device.type == "cpu" else 1
-    with distributed.rank_zero_first(env):  # one CPU measurement, cached, rather than one per rank at once
+    with distributed.rank_zero_first(env, "measuring peak FLOP/s"):  # one CPU measurement, cached, rather than one per rank at once
         peak = peak_flops(env.device, run.precision, resolve_path(cfg.out_dir) / "cache")
     model = run.state.model
     return {
@@ -194,11 +194,13 @@ def describe(derived: dict[str, Any], precision: str, env: distributed.DistEnv, 
 
 
 class Checkpoints:
-    """Where a run's checkpoints go, and the newest one written; rank 0 alone writes."""
+    """Where a run's checkpoints go, and the newest one written; rank 0 alone writes, with every rank's RNG state."""
 
     def __init__(self, cfg: DictConfig, env: distributed.DistEnv, hooks: Sequence[Hooks]):
-        self.cfg, self.hooks, self.last = cfg, hooks, None
-        self.folder = resolve_path(cfg.train.checkpoint_dir) if cfg.train.checkpoint_dir and env.is_main else None
+        self.cfg, self.env, self.hooks, self.last = cfg, env, hooks, None
+        self.wanted = bool(cfg.train.checkpoint_dir)  # the same on every rank: rank 0's choice, shared
+        self.saved_step: int | None = None
+        self.folder = resolve_path(cfg.train.checkpoint_dir) if self.wanted and env.is_main else None
         if self.folder is not None:  # find out now, not after hours of training
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
@@ -206,11 +208,17 @@ class Checkpoints:
                 raise UserError(f"cannot create the checkpoint folder {self.folder} ({err.strerror}); set out_dir or train.checkpoint_dir to a writable folder") from None
 
     def save(self, state: TrainState, log: MetricLog) -> None:
-        """Flush the metrics (hooks have every row up to this step before a checkpoint of it exists), then write it once."""
+        """Flush the metrics (hooks have every row up to this step before a checkpoint of it exists), then write it once.
+
+        Every rank calls this at the same steps: each hands rank 0 its RNG state, so a resume restores each rank's own."""
         log.flush(state.step, self.last)
-        if self.folder is None or self.last == checkpoint_path(self.folder, state.step):  # none wanted, or saved already
+        if not self.wanted or self.saved_step == state.step:  # none wanted, or saved already
             return
-        self.last = save_checkpoint({"state": state.state_dict(), "config": to_yaml(self.cfg)}, checkpoint_path(self.folder, state.step))
+        self.saved_step = state.step
+        rank_rngs = distributed.gather_to_main(rng_state(), self.env)
+        if self.folder is None:  # not rank 0
+            return
+        self.last = save_checkpoint({"state": state.state_dict(rank_rngs), "config": to_yaml(self.cfg)}, checkpoint_path(self.folder, state.step))
         prune_checkpoints(self.folder, self.cfg.train.keep_checkpoints)
         for hook in self.hooks:
             hook.on_checkpoint(state.step, self.last)

@@ -278,4 +278,4 @@ def test_resuming_from_a_middle_checkpoint_is_bitwise_identical(root, tmp_path, 
     b = load_checkpoint(tmp_path / "resumed" / "step_00000006.pt")["state"]
     assert_same_weights(a["model"], b["model"])
     assert all(torch.equal(x, y) for x, y in zip(a["optimizer"]["state"][0].values(), b["optimizer"]["state"][0].values()))
-    assert a["rng"]["torch"].equal(b["rng"]["torch"]) and a["data"] == b["data"]
+    assert a["rng"][0]["torch"].equal(b["rng"][0]["torch"]) and a["data"] == b["data"]
