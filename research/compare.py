@@ -149,7 +149,8 @@ def summary_rows(paired: Paired) -> list[tuple[str, str]]:
 
 
 def render(a: RunSet, b: RunSet, paired: Paired, metric: str, console: Console) -> None:
-    table = Table(title=f"{metric}: A = {a.label}, B = {b.label}, paired by seed")
+    console.print(f"A: {a.label} ({len(a.runs)} runs)\nB: {b.label} ({len(b.runs)} runs)", soft_wrap=True, markup=False)
+    table = Table(title=f"{metric}, paired by seed")
     for column in ("seed", "A", "B", "A - B"):
         table.add_column(column, justify="right")
     for seed in paired.seeds:
