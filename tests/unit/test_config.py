@@ -16,6 +16,8 @@ model:
   tie_embeddings: false
 train:
   lr: 0.002
+bench:
+  default_allocator_first: true
 """
 
 
