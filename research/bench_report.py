@@ -135,7 +135,7 @@ def phase_table(result: BenchResult, phase: Phase) -> list[str]:
     refs = list(references_in(result, phase.name))
     memory_note = " (peak memory: measured in the benchmark's process, under our settings)" if phase != result.main_phase else ""
     lines = [
-        f"**{phase.name}**: allocator {phase.allocator}; OpenMP waiting {phase.openmp}{memory_note}:",
+        f"**{phase.name}**: allocator {phase.allocator}; OpenMP waiting {phase.openmp}{load_note(result, phase.name)}{memory_note}:",
         "",
         "| candidate | torch.compile | AdamW | step s: median (min–max) | tokens/s | useful tokens/s | "
         + "".join(f"× {label} | " for label in refs) + "MFU (measured ceiling) | MFU (train/mfu peak) | peak memory MiB | data wait | page faults |",
@@ -150,6 +150,24 @@ def phase_table(result: BenchResult, phase: Phase) -> list[str]:
             f"| {r['peak_mib']:,.0f} | {r['data_wait_share']:.2%} | {r['page_faults']:,.0f} |"
         )
     return lines + [""]
+
+
+def load_note(result: BenchResult, phase: str) -> str:
+    """'; load average 3.1 → 2.9': the machine's 1-minute load average at the start and end of the phase, where noted."""
+    if phase not in result.load_average:
+        return ""
+    start, end = result.load_average[phase]
+    return f"; load average {start:.1f} → {end:.1f}"
+
+
+def shared_cores_line(result: BenchResult) -> list[str]:
+    """A warning when other work shared the cores: the benchmark alone keeps about one thread per core busy."""
+    highest = max((load for pair in result.load_average.values() for load in pair), default=0.0)
+    if not result.cores or highest <= result.cores + 1:
+        return []
+    return [f"Other work shared the machine: the 1-minute load average reached {highest:.1f} on {result.cores} cores (this benchmark "
+            f"alone makes about {result.cores}). Step times are longer than on idle cores and vary more; a ratio within a phase shares "
+            "the drift of its interleaved rounds, step times of different phases do not.", ""]
 
 
 def load_rows(result: BenchResult) -> list[dict]:
@@ -244,6 +262,7 @@ def markdown(results: list[BenchResult], command: str, notes: str = "") -> str:
             f"{s['precision']}; {result.flops_per_token / 1e6:.1f} MFLOP per token; {result.rounds} measured rounds.",
             f"Matmul ceiling (median, best size): {ceilings}. Peak used by training runs for train/mfu: {result.table_peak_flops / 1e12:.3f} TFLOP/s.", "",
         ]
+        lines += shared_cores_line(result)
         lines += headline_table(result)
         for phase in result.phases:
             lines += phase_table(result, phase)

@@ -8,9 +8,11 @@ the first warm-up rounds are dropped.
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -100,6 +102,8 @@ class BenchResult:
     tracking_ms_per_flush: float
     flops_per_token: float
     rounds: int
+    load_average: dict[str, tuple[float, float]] = field(default_factory=dict)  # phase name -> the 1-minute load average at its start and end
+    cores: int = 0  # cores the process may use
 
     @property
     def main_phase(self) -> Phase:
@@ -139,6 +143,14 @@ def time_phase(candidates: list[Candidate], phase: str, warmup: int, steps: int,
                 candidate.timings.setdefault(phase, Timing()).add(time.perf_counter() - start, done, minor_page_faults() - faults)
             ticker.finished()
         between_rounds(round_index)
+
+
+@contextmanager
+def load_average(record: dict[str, tuple[float, float]], phase: str):
+    """Note the machine's 1-minute load average at the start and the end of the block, under `phase`."""
+    start = os.getloadavg()[0]
+    yield
+    record[phase] = (start, os.getloadavg()[0])
 
 
 def profile_step(candidate: Candidate, device: torch.device) -> list[tuple[str, float, int]]:

@@ -27,10 +27,10 @@ from research.bench_memory import MemoryWatch
 from research.bench_metrics import metrics_of, slug
 from research.bench_phases import AS_TRAINED, PLAIN, our_settings, time_plain_phase
 from research.bench_report import markdown, print_table
-from research.bench_timing import BenchResult, Candidate, Phase, Ticker, profile_step, time_phase
+from research.bench_timing import BenchResult, Candidate, Phase, Ticker, load_average, profile_step, time_phase
 from research.config import apply_overrides, resolve_path, validate
 from research.errors import UserError
-from research.hardware import autocast_dtype, device_name, keep_freed_memory, matmul_sizes, measure_matmul_flops, peak_flops
+from research.hardware import autocast_dtype, device_name, keep_freed_memory, matmul_sizes, measure_matmul_flops, peak_flops, usable_cores
 from research.model import flops_per_token, num_params
 from research.trainer import RunInfo, derived_quantities
 
@@ -49,7 +49,9 @@ def run_benchmark(cfg: DictConfig, label: str = "", tracker=None) -> BenchResult
     with Progress(console=Console(), transient=True) as progress:
         task = progress.add_task("bench", total=steps)
         ticker = Ticker(progress, task)
-        plain_timings = time_plain_phase(cfg, ticker) if plain_phase else {}
+        loads: dict[str, tuple[float, float]] = {}
+        with load_average(loads, PLAIN.name):
+            plain_timings = time_plain_phase(cfg, ticker) if plain_phase else {}
         if cpu:
             keep_freed_memory()  # what train() does on a CPU, before it builds anything; it lasts for the process
         candidates, run = build_candidates(cfg, env)
@@ -61,9 +63,10 @@ def run_benchmark(cfg: DictConfig, label: str = "", tracker=None) -> BenchResult
             tracker.on_start(RunInfo(cfg, run.state.model, run.tokenizer, run.data_info, derived_quantities(cfg, run, env)))
         precisions = dict.fromkeys(("fp32", "bf16", run.precision))
         ceilings = {p: {size: [] for size in matmul_sizes(p, env.device)} for p in precisions}
-        hook_times = time_main_phase(cfg, env, candidates, main, ceilings, ticker, tracker)
+        with load_average(loads, main.name):
+            hook_times = time_main_phase(cfg, env, candidates, main, ceilings, ticker, tracker)
         measure_untimed(cfg, env, candidates, ticker)
-        load_phases = time_under_load(cfg, env, under_load, main, ticker) if cpu else []
+        load_phases = time_under_load(cfg, env, under_load, main, ticker, loads) if cpu else []
     phases = ([PLAIN] if plain_phase else []) + [main]
     references = {}
     if cfg.bench.llama:  # on a CPU, plain Llama only with plain settings: our allocator and OpenMP setting would tune it
@@ -83,6 +86,8 @@ def run_benchmark(cfg: DictConfig, label: str = "", tracker=None) -> BenchResult
         tracking_ms_per_flush=statistics.median(hook_times) * 1e3 if hook_times else float("nan"),
         flops_per_token=flops_per_token(run.model_config, cfg.data.seq_len),
         rounds=cfg.bench.steps,
+        load_average={phase.name: loads[phase.name] for phase in phases + load_phases},
+        cores=usable_cores(),
     )
 
 
@@ -135,14 +140,16 @@ def measure_untimed(cfg: DictConfig, env: distributed.DistEnv, candidates: list[
         candidate.peak_step_bytes = memory.peak
 
 
-def time_under_load(cfg: DictConfig, env: distributed.DistEnv, candidates: list[Candidate], main: Phase, ticker: Ticker) -> list[Phase]:
+def time_under_load(cfg: DictConfig, env: distributed.DistEnv, candidates: list[Candidate], main: Phase, ticker: Ticker,
+                    loads: dict[str, tuple[float, float]]) -> list[Phase]:
     """`candidates` again beside each `bench.load`, with train()'s settings; returns the phases, one per load."""
     phases = []
     for kind in cfg.bench.load:
         ticker.starting(f"starting the {kind} load")
         with background_load.running(kind, cfg) as processes:
             phase = Phase(f"beside {kind}: {processes} process{'es' if processes > 1 else ''}", main.allocator, main.openmp)
-            time_phase(candidates, phase.name, cfg.bench.warmup_steps, cfg.bench.steps, env.device, ticker)
+            with load_average(loads, phase.name):
+                time_phase(candidates, phase.name, cfg.bench.warmup_steps, cfg.bench.steps, env.device, ticker)
         phases.append(phase)
     return phases
 

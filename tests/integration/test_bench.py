@@ -146,6 +146,15 @@ def test_a_missing_reference_leaves_its_ratios_out():
     assert "| plain Llama |" not in markdown([result], "python run.py exp=bench")
 
 
+def test_the_report_says_when_other_work_shared_the_cores():
+    result = synthetic_result({("ours", "our settings"): 1.0, (TUNED_LLAMA, "our settings"): 2.0})
+    result.cores, result.load_average = 2, {"our settings": (1.8, 2.4)}
+    report = markdown([result], "python run.py exp=bench")
+    assert "load average 1.8 → 2.4" in report and "Other work shared the machine" not in report
+    result.load_average = {"our settings": (7.5, 12.3)}
+    assert "the 1-minute load average reached 12.3 on 2 cores" in markdown([result], "python run.py exp=bench")
+
+
 # ---------------------------------------------------------------- a real run at a tiny shape
 
 
@@ -172,6 +181,7 @@ def test_the_run_times_each_reference_in_its_own_phase(tiny_bench):
     assert {r["candidate"] for r in rows(result, "plain settings")} == {"ours", PLAIN_LLAMA}
     assert {r["candidate"] for r in rows(result)} == {"ours", "ours, a document per row (data.packing=false)", PLAIN_LLAMA, TUNED_LLAMA}
     assert {h["reference"]: h["phase"] for h in headline(result)} == {"plain Llama": "plain settings", "tuned Llama": "our settings"}
+    assert set(result.load_average) == {p.name for p in result.phases + result.load_phases}
     # the plain phase really ran under glibc's defaults: its steps page-fault freed memory back in, ours reuse it
     faults = {p.name: result.candidates[0].timings[p.name].page_faults for p in result.phases}
     assert min(faults["plain settings"]) > max(faults["our settings"]), faults
