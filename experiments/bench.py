@@ -1,13 +1,15 @@
-"""Throughput side by side at the minimind2-small shape: our step, padded data, transformers' Llama, matmul ceiling, background load.
+"""Throughput side by side at the minimind2-small shape: our step, padded data, plain and tuned Llama, matmul ceiling, background load.
 
-Writes results/bench/<machine>.md and logs every figure to MLflow. The precision train.precision=auto
-picks runs first, with our step and Llama's timed again beside each background load (bench.load);
-on a CPU whose auto precision is bf16 (AMX or AVX-512 BF16), fp32 follows, without the loads.
-About 10 minutes on 2 CPU cores with AMX (bf16 with the loads, then fp32), 15 on an AVX2 CPU (fp32 only, steps of ~6 s):
+Writes results/bench/<machine>.md and logs every figure to MLflow. On a CPU, ours and plain Llama
+(eager, torch's AdamW) are first timed in a fresh process under glibc's allocator and libgomp's
+OpenMP defaults; then every candidate, tuned Llama (torch.compile, fused AdamW) included, under our
+settings, and ours and the Llamas again beside each background load (bench.load). Every ratio is
+taken within one of those phases. The precision train.precision=auto picks runs first; on a CPU
+whose auto precision is bf16 (AMX or AVX-512 BF16), fp32 follows, without the loads.
 
     python run.py exp=bench                                     # the full comparison
     python run.py exp=bench train.precision=fp32                # one precision only
-    python run.py exp=bench bench.load=[] bench.compile=false   # quicker: alone, eager
+    python run.py exp=bench bench.load=[] bench.compile=false   # quicker: alone, our step only as train.compile picks
 """
 
 # minimind2-small: 25.8M parameters

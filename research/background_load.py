@@ -45,7 +45,7 @@ def train_forever(cfg_yaml: str, ready) -> None:
     keep_freed_memory()  # as train() runs on a CPU
     run = build(cfg, distributed.setup(cfg.train.device))
     for step in itertools.count():
-        run.step([run.state.sampler.next_batch() for _ in range(cfg.train.grad_accum)], cfg.train.lr)
+        run.step.advance(cfg.train.lr)
         if step == 0:
             ready.send("stepping")
 

@@ -36,7 +36,7 @@ class Components:
     data_info: DataInfo
     model_config: MiniMindConfig
     state: TrainState
-    step: StepRunner
+    step: StepRunner  # `step.advance(lr)`: one optimizer step on the sampler's next micro-batches
     precision: str  # fp32 | bf16 | fp16, resolved for the device
     amp: Callable[[], Any]  # a fresh autocast context (or nullcontext) per use
     compiled: bool  # the transformer blocks run through torch.compile
@@ -77,5 +77,5 @@ def build(cfg: DictConfig, env: distributed.DistEnv) -> Components:
     forward_model = model
     if env.is_distributed:
         forward_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
-    step = StepRunner(state, forward_model, amp, cfg.train.grad_clip, env, SkippedSteps(cfg.train.max_skipped_steps))
+    step = StepRunner(state, forward_model, amp, cfg.train.grad_clip, env, SkippedSteps(cfg.train.max_skipped_steps), cfg.train.grad_accum)
     return Components(tokenizer, train_ds, val_ds, test_ds, data_info, config, state, step, precision, amp, compiled)

@@ -23,7 +23,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from research.benchmark import slug
+from research.bench_metrics import slug
 from research.config import REPO_ROOT, resolve_path
 from research.corpus import iter_documents
 from research.hardware import cpu_name

@@ -41,6 +41,9 @@ class IntervalClock:
         finally:
             self.spent[what] += time.perf_counter() - start
 
+    def add(self, what: str, seconds: float) -> None:
+        self.spent[what] += seconds
+
     def lap(self) -> tuple[float, int, float, float]:
         """(seconds, tokens, data seconds, tracking seconds) of the interval now ending; the next begins."""
         now = time.perf_counter()

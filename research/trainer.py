@@ -118,11 +118,10 @@ def run_training(cfg: DictConfig, hooks: Sequence[Hooks], stop: StopSignal) -> T
     with log.progress, stop.at_step_boundaries(), out_of_memory_advice(cfg):
         while state.step < t.max_steps and not stop_requested(stop, state.step, t.log_every, env):
             lr = lr_at(state.step, t.lr, t.warmup_steps, t.max_steps, t.min_lr_ratio)
-            with log.clock.timing("data"):
-                micro_batches = [state.sampler.next_batch() for _ in range(t.grad_accum)]
-            loss, grad_norm = run.step(micro_batches, lr)
+            done = run.step.advance(lr)
+            log.clock.add("data", done.data_seconds)
             state.tokens_seen += derived["tokens per step"]
-            log.record(state.step, lr, loss, grad_norm, derived["tokens per step"], checkpoints.last)
+            log.record(state.step, lr, done.loss, done.grad_norm, derived["tokens per step"], checkpoints.last)
 
             last_step = state.step == t.max_steps
             if state.step % t.log_every == 0 or last_step:

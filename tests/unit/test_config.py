@@ -20,6 +20,8 @@ sweep:
   n_trials: 0
   lr_min: 0.0001
   grid_lr: [0.001, 0.003]
+bench:
+  default_allocator_first: true
 """
 
 
