@@ -275,7 +275,7 @@ def run_benchmark(cfg: DictConfig, label: str = "", tracker=None) -> BenchResult
     if env.device.type == "cpu" and cfg.bench.default_allocator_first and not FREED_MEMORY_KEPT.is_set():  # glibc's defaults, while this process still has them
         phases.insert(0, DEFAULT_ALLOCATOR)
     if tracker is not None:
-        tracker.on_start(RunInfo(cfg, run.state.model, run.tokenizer, run.data_info, derived_quantities(cfg, run, env)))
+        tracker.on_start(RunInfo(cfg, run.state.model, run.tokenizer, run.data_info, derived_quantities(cfg, run, env), run.compiled))
 
     with Progress(console=Console(), transient=True) as progress:
         rounds = cfg.bench.warmup_steps + cfg.bench.steps

@@ -28,6 +28,7 @@ from omegaconf import DictConfig
 from optuna.trial import FrozenTrial, TrialState
 
 from research.config import flatten, resolve_path
+from research.names import END_REASON
 
 STAGE_ATTR = "stage"  # trial user attr: default | search | grid | confirm
 SEED_ATTR = "seed"  # trial user attr: the seed the trial trains with
@@ -185,7 +186,7 @@ def trial_row(trial: FrozenTrial, space: dict[str, str]) -> list[str]:
     values = [f"{trial.params[k]:.4g}" if k in trial.params else "" for k in space]
     loss = f"{trial.value:.4f}" if trial.value is not None and trial.state == TrialState.COMPLETE else ""
     return [str(trial.number), trial.user_attrs.get(STAGE_ATTR, ""), str(trial.user_attrs.get(SEED_ATTR, "")), *values, loss,
-            str(trial.user_attrs.get(STEPS_ATTR, "")), trial.state.name, trial.user_attrs.get("end_reason", "")]
+            str(trial.user_attrs.get(STEPS_ATTR, "")), trial.state.name, trial.user_attrs.get(END_REASON, "")]
 
 
 def format_params(params: dict) -> str:
