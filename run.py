@@ -30,6 +30,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # one Rust thread per 
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")  # fail in seconds, not minutes, when a server is gone
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")  # ... or hangs (the default waits 120 s per try)
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # its "View run" links open the GenAI view; we print classic ones
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # no "Writing model shards" bars between our own output
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach for a model hub
 if "OMP_WAIT_POLICY" not in os.environ:  # read once, when torch loads OpenMP: it must be set before the first import of torch
@@ -166,7 +167,7 @@ def sample(args: list[str]) -> int:
 
 def ui(args: list[str]) -> int:
     """`ui [port=5000] [host=127.0.0.1] [exp=NAME] [out_dir=... | tracking.uri=...]`: the MLflow UI on the runs' store."""
-    from research.tracking import artifact_root, tracking_uri
+    from research.tracking_store import artifact_root, tracking_uri
     from research.ui import serve_ui
 
     options, overrides = parse("ui", args, {"port": (int, 5000), "host": (str, "127.0.0.1")})
@@ -199,12 +200,13 @@ def usage() -> str:
 
 def sync(args: list[str]) -> int:
     """`sync [out_dir=... | tracking.uri=...]`: upload the runs in <out_dir>/offline to the tracking store."""
+    from research.offline import offline_dir
     from research.sync import sync_offline
-    from research.tracking import artifact_root, connect, offline_dir, tracking_uri
+    from research.tracking_store import artifact_root, connect, tracking_uri
 
     _, overrides = parse("sync", args, {})
     cfg = make_config(overrides)
-    sync_offline(offline_dir(cfg), connect(tracking_uri(cfg)), artifact_root(cfg))
+    sync_offline(offline_dir(cfg.out_dir), connect(tracking_uri(cfg)), artifact_root(cfg))
     return 0
 
 
@@ -215,7 +217,7 @@ def compare(args: list[str]) -> int:
     from rich.console import Console
 
     from research.compare import compare as compare_runs
-    from research.tracking import connect, tracking_uri
+    from research.tracking_store import connect, tracking_uri
 
     selectors = [a for a in args if not re.match(r"^[\w.]+=", a)]  # a run id, id,id, an experiment[:filter]; not name=value
     if not 1 <= len(selectors) <= 2:

@@ -60,7 +60,7 @@ def run_benchmark(cfg: DictConfig, label: str = "", tracker=None) -> BenchResult
                 candidate.timings[PLAIN.name] = plain_timings[candidate.name]
         under_load = [c for c in candidates if c is candidates[0] or c.name in (PLAIN_LLAMA, TUNED_LLAMA)] if cpu else []
         if tracker is not None:
-            tracker.on_start(RunInfo(cfg, run.state.model, run.tokenizer, run.data_info, derived_quantities(cfg, run, env)))
+            tracker.on_start(RunInfo(cfg, run.state.model, run.tokenizer, run.data_info, derived_quantities(cfg, run, env), run.compiled))
         precisions = dict.fromkeys(("fp32", "bf16", run.precision))
         ceilings = {p: {size: [] for size in matmul_sizes(p, env.device)} for p in precisions}
         with load_average(loads, main.name):

@@ -23,6 +23,7 @@ from mlflow.exceptions import MlflowException
 from rich.console import Console
 from rich.table import Table
 
+from research import names
 from research.errors import UserError
 from research.paired import Paired
 
@@ -69,7 +70,7 @@ def get_run(client, run_id: str) -> Run:
 
 
 def is_sweep_parent(run: Run) -> bool:
-    return "sweep.study_name" in run.data.tags and "mlflow.parentRunId" not in run.data.tags
+    return names.SWEEP_STUDY_NAME in run.data.tags and names.PARENT_RUN not in run.data.tags
 
 
 def sweep_side(client, parent: Run, role: str) -> RunSet:
@@ -79,8 +80,8 @@ def sweep_side(client, parent: Run, role: str) -> RunSet:
               if key.startswith("best.") and key.removeprefix("best.") in parent.data.params}
     if not answer:
         raise UserError(f"sweep {parent.info.run_id} has no answer yet (its study has not finished)")
-    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=5000)
-    evaluated = [r for r in children if r.data.tags.get("sweep.stage") == "evaluate" and r.info.status == "FINISHED"]
+    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.{names.PARENT_RUN} = '{parent.info.run_id}'", max_results=5000)
+    evaluated = [r for r in children if r.data.tags.get(names.SWEEP_STAGE) == "evaluate" and r.info.status == "FINISHED"]
 
     def is_answer(run: Run) -> bool:
         return all(math.isclose(float(run.data.params[k]), v, rel_tol=1e-5) for k, v in answer.items() if k in run.data.params)
@@ -88,7 +89,7 @@ def sweep_side(client, parent: Run, role: str) -> RunSet:
     chosen = [r for r in evaluated if is_answer(r) == (role == "answer")]
     if not chosen:
         raise UserError(f"sweep {parent.info.run_id} has no finished evaluation runs of its {role} (sweep.eval_seeds=0?)")
-    return RunSet(f"{tags.get('sweep.study_name', 'sweep')} {role}", chosen)
+    return RunSet(f"{tags.get(names.SWEEP_STUDY_NAME, 'sweep')} {role}", chosen)
 
 
 def short(selector: str) -> str:

@@ -12,24 +12,14 @@ credentials) into one line naming the URL with its password masked.
 from __future__ import annotations
 
 import fcntl
-import urllib.parse
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Callable, Iterator, TypeVar
 
 from research.errors import UserError
+from research.store_url import parse
 
 T = TypeVar("T")
 CREATION_LOCK = 0x6D696E696C6D  # any fixed 64-bit number: the advisory lock every worker takes by name
-
-
-def mask_password(text: str) -> str:
-    """A URL with its password replaced by ***, for tags and messages (anything else unchanged)."""
-    try:
-        password = urllib.parse.urlsplit(text).password
-    except ValueError:
-        return text
-    return text.replace(f":{password}@", ":***@") if password else text
 
 
 def open_store(url: str, opener: Callable[[], T], what: str, fix: str) -> T:
@@ -41,23 +31,24 @@ def open_store(url: str, opener: Callable[[], T], what: str, fix: str) -> T:
         raise
     except Exception as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        password = urllib.parse.urlsplit(url).password if "://" in url else None
-        if password:
-            reason = reason.replace(password, "***")
-        raise UserError(f"cannot open {what} {mask_password(url)} ({reason}); {fix}") from None
+        store = parse(url)
+        if store.password:
+            reason = reason.replace(store.password, "***")
+        raise UserError(f"cannot open {what} {store.masked} ({reason}); {fix}") from None
 
 
 @contextmanager
 def creation_lock(url: str) -> Iterator[None]:
     """Held by one process at a time per database: PostgreSQL's session advisory lock, or a lock file beside a SQLite file."""
-    if url.startswith("sqlite:///"):
-        db = Path(url[len("sqlite:///"):])
+    store = parse(url)
+    if store.kind == "sqlite":
+        db = store.path
         db.parent.mkdir(parents=True, exist_ok=True)
         with open(db.with_name(db.name + ".lock"), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             yield
         return
-    if not url.startswith(("postgresql:", "postgresql+")):
+    if store.kind != "postgresql":
         yield
         return
     import sqlalchemy

@@ -18,6 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from research import distributed
 from research.errors import UserError
+from research.names import TEST_LOSS, TEST_PERPLEXITY, TRAIN_GRAD_NORM, TRAIN_LOSS, TRAIN_LR, VAL_LOSS, VAL_PERPLEXITY
 
 
 class IntervalClock:
@@ -75,7 +76,7 @@ class MetricLog:
         self.env, self.hooks, self.precision = env, hooks, precision
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         # a non-finite loss, or (without fp16, whose scaler skips such steps) gradient norm: the weights are broken from here on
-        self.watched = [("loss", "train/loss")] + ([("gradient norm", "train/grad_norm")] if check_grad_norm else [])
+        self.watched = [("loss", TRAIN_LOSS)] + ([("gradient norm", TRAIN_GRAD_NORM)] if check_grad_norm else [])
         self.history: list[tuple[int, dict[str, float]]] = []  # every delivered (step, metrics) row, train and val
         self.pending: list[tuple[int, float, torch.Tensor, torch.Tensor]] = []  # (step, lr, loss, grad_norm), read once per interval
         self.clock = IntervalClock()
@@ -102,7 +103,7 @@ class MetricLog:
         norms = torch.stack([p[3] for p in self.pending]).tolist()
         elapsed, tokens, data_s, tracking_s = self.clock.lap()
         tokens_per_sec = tokens / max(elapsed, 1e-9)
-        rows = [(s, {"train/loss": loss, "train/lr": lr, "train/grad_norm": norm}) for (s, lr, _, _), loss, norm in zip(self.pending, losses, norms)]
+        rows = [(s, {TRAIN_LOSS: loss, TRAIN_LR: lr, TRAIN_GRAD_NORM: norm}) for (s, lr, _, _), loss, norm in zip(self.pending, losses, norms)]
         rows[-1][1].update({
             "train/tokens_per_sec": tokens_per_sec,
             "train/mfu": tokens_per_sec * self.flops_per_token / self.peak_flops,
@@ -117,12 +118,12 @@ class MetricLog:
                 hook.on_metrics(rows)
             if bad:
                 raise NonFiniteLoss(*bad[0], last_checkpoint, self.precision)
-            status = f"loss {losses[-1]:.3f}  lr {rows[-1][1]['train/lr']:.2e}  {tokens_per_sec:,.0f} tok/s"
+            status = f"loss {losses[-1]:.3f}  lr {rows[-1][1][TRAIN_LR]:.2e}  {tokens_per_sec:,.0f} tok/s"
             self.progress.update(self.task, completed=step, status=status + (f"  val {self.val_loss:.3f}" if math.isfinite(self.val_loss) else ""))
 
     def record_test(self, step: int, test_loss: float) -> None:
         """The test loss at the end: into the history and to the hooks' metrics, never to `on_eval` (nothing selects or prunes on it)."""
-        row = {"test/loss": test_loss, "test/perplexity": math.exp(min(test_loss, 50.0))}
+        row = {TEST_LOSS: test_loss, TEST_PERPLEXITY: math.exp(min(test_loss, 50.0))}
         self.history.append((step, row))
         for hook in self.hooks:
             hook.on_metrics([(step, row)])
@@ -130,7 +131,7 @@ class MetricLog:
     def record_eval(self, step: int, val_loss: float) -> None:
         """A validation loss: into the history, to the hooks (which may stop the run: a pruned trial), and the clock restarts."""
         self.val_loss = val_loss
-        row = {"val/loss": val_loss, "val/perplexity": math.exp(min(val_loss, 50.0))}
+        row = {VAL_LOSS: val_loss, VAL_PERPLEXITY: math.exp(min(val_loss, 50.0))}
         self.history.append((step, row))
         for hook in self.hooks:
             hook.on_metrics([(step, row)])

@@ -31,13 +31,19 @@ from research.config import apply_overrides, from_yaml, make_config, resolve_pat
 from research.corpus import data_digest, describe
 from research.errors import UserError
 from research.runner import report, run_tracked
-from research.tracking import CHECKPOINT_ARTIFACT, TOKENS_PER_STEP, WORLD_SIZE, connect, git_info, last_logged_steps, tracking_uri
+from research.names import (
+    CHECKPOINT_ARTIFACT, CHECKPOINT_ARTIFACT_STEP, CONFIG_ARTIFACT, DATA_DIGEST, FINAL_VAL_LOSS, GIT_COMMIT, GIT_DIRTY, REPRODUCED_FROM,
+    RESUMED_FROM_STEP, TOKENS_PER_STEP, TRAIN_LOSS, WORLD_SIZE,
+)
+from research.provenance import git_info
+from research.run_params import MACHINE_KEYS
+from research.store_url import parse
+from research.tracking_store import connect, last_logged_steps, tracking_uri
 from research.trainer import TrainResult
 
-# The overrides a resume or a reproduction accepts. Location and bookkeeping keys say where
-# the store, outputs and caches are and how often to log and save: they cannot change a number.
-# Hardware keys can change the low-order bits (another summation order), so they warn.
-LOCATION_KEYS = ("out_dir", "tracking.uri", "data.cache_dir")
+# The overrides a resume or a reproduction accepts. Machine keys (research/run_params.py) and bookkeeping
+# keys say where the store, outputs and caches are and how often to log and save: they cannot change a
+# number. Hardware keys can change the low-order bits (another summation order), so they warn.
 BOOKKEEPING_KEYS = ("train.checkpoint_every", "train.keep_checkpoints", "train.log_every")
 HARDWARE_KEYS = ("train.threads", "train.device")
 ALLOW_DATA_CHANGE = "allow_data_change"  # the option of `run.py reproduce=<run_id>` that reruns on changed data
@@ -66,7 +72,7 @@ def resume(run_id: str, overrides: dict[str, str] | None = None) -> int:
     step = checkpoint_step(start) if start else 0
     where = f"its checkpoint {start}" if start else "step 0 (no checkpoint was found locally or in its artifacts)"
     print(f"resuming run {run_id} from {where}", flush=True)
-    client.set_tag(run_id, "resumed_from_step", str(step))
+    client.set_tag(run_id, RESUMED_FROM_STEP, str(step))
     report(cfg, run_tracked(cfg, run_id=run_id))
     return 0
 
@@ -84,7 +90,7 @@ def reproduce(run_id: str, overrides: dict[str, str] | None = None, allow_data_c
     cfg.tracking.run_name = f"reproduce-{run_id[:8]}"
     cfg.tracking.enabled = True
     cfg.tracking.experiment = client.get_experiment(run.info.experiment_id).name
-    result = run_tracked(cfg, tags={"reproduced_from": run_id})
+    result = run_tracked(cfg, tags={REPRODUCED_FROM: run_id})
     report(cfg, result)
     compare_with_original(client, run, result)
     return 0
@@ -92,7 +98,7 @@ def reproduce(run_id: str, overrides: dict[str, str] | None = None, allow_data_c
 
 def check_overrides(verb: str, overrides: dict[str, str]) -> dict[str, str]:
     """The overrides, if every key is one a resume or reproduction accepts; any other key is refused in one line."""
-    accepted = LOCATION_KEYS + BOOKKEEPING_KEYS + HARDWARE_KEYS
+    accepted = MACHINE_KEYS + BOOKKEEPING_KEYS + HARDWARE_KEYS
     for key in overrides:
         if key not in accepted:
             why = ("to train longer, start a new run with a larger train.max_steps (the learning-rate schedule depends on it)"
@@ -104,18 +110,19 @@ def check_overrides(verb: str, overrides: dict[str, str]) -> dict[str, str]:
 def open_logged_run(run_id: str, overrides: dict[str, str]) -> tuple[MlflowClient, Run, DictConfig]:
     """The run and its logged config (with the allowed overrides), from the store the overrides point at."""
     uri = tracking_uri(make_config(overrides))
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).exists():
-        raise UserError(f"no MLflow store at {uri}; point out_dir, tracking.uri or MLFLOW_TRACKING_URI at the store that holds run {run_id}")
+    store = parse(uri)
+    if store.kind == "sqlite" and not store.path.exists():
+        raise UserError(f"no MLflow store at {store.masked}; point out_dir, tracking.uri or MLFLOW_TRACKING_URI at the store that holds run {run_id}")
     client = connect(uri)
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise UserError(f"no run '{run_id}' in the MLflow store {uri}; check the id (python run.py ui), or point out_dir, tracking.uri or MLFLOW_TRACKING_URI at the store that holds it") from None
+        raise UserError(f"no run '{run_id}' in the MLflow store {store.masked}; check the id (python run.py ui), or point out_dir, tracking.uri or MLFLOW_TRACKING_URI at the store that holds it") from None
     if run.info.lifecycle_stage == "deleted":
-        raise UserError(f"run {run_id} is deleted in {uri}; restore it in the MLflow UI first")
+        raise UserError(f"run {run_id} is deleted in {store.masked}; restore it in the MLflow UI first")
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            text = Path(client.download_artifacts(run_id, "config.yaml", tmp)).read_text()
+            text = Path(client.download_artifacts(run_id, CONFIG_ARTIFACT, tmp)).read_text()
         except (MlflowException, OSError):
             raise UserError(f"run {run_id} has no config.yaml artifact (a sweep's parent, or a run not logged by this trainer); pick a training run") from None
     cfg = from_yaml(text)
@@ -126,7 +133,7 @@ def open_logged_run(run_id: str, overrides: dict[str, str]) -> tuple[MlflowClien
 
 def check_data(run: Run, cfg: DictConfig, verb: str, allow_change: bool) -> None:
     """Refuse to continue or repeat a run on data other than its own (a reproduction may opt in)."""
-    logged, current = run.data.tags.get("data.digest"), data_digest(cfg.data.path)
+    logged, current = run.data.tags.get(DATA_DIGEST), data_digest(cfg.data.path)
     if not logged or logged == current:
         return
     changed = f"the data {describe(cfg.data.path)} changed since run {run.info.run_id} (digest {current}, logged {logged})"
@@ -140,10 +147,10 @@ def check_data(run: Run, cfg: DictConfig, verb: str, allow_change: bool) -> None
 
 def warn_about_differences(run: Run, overrides: dict[str, str]) -> None:
     """Say what may make the numbers differ: other code than the run's, or other hardware settings."""
-    logged, current = run.data.tags.get("git.commit"), git_info()["commit"]
+    logged, current = run.data.tags.get(GIT_COMMIT), git_info()["commit"]
     if logged and logged != current:
         warn(f"the code is at commit {current[:12]} but run {run.info.run_id} used {logged[:12]}; results may differ")
-    if run.data.tags.get("git.dirty") == "true":  # changes to tracked files, always logged as the patch (untracked files are only listed, in git.untracked)
+    if run.data.tags.get(GIT_DIRTY) == "true":  # changes to tracked files, always logged as the patch (untracked files are only listed, in git.untracked)
         warn(f"run {run.info.run_id} had uncommitted changes to tracked files (its git_diff.patch artifact); results may differ unless the same changes are present")
     for key in HARDWARE_KEYS:
         if key in overrides:
@@ -180,7 +187,7 @@ def resume_point(client: MlflowClient, run: Run, folder: Path) -> Path | None:
     Metrics are flushed before a checkpoint is recorded, so a kill between writing a
     checkpoint and logging its metrics leaves an older, complete checkpoint to use.
     """
-    logged = last_logged_steps(client, run.info.run_id).get("train/loss", 0)
+    logged = last_logged_steps(client, run.info.run_id).get(TRAIN_LOSS, 0)
     local = list_checkpoints(folder)
     usable = [path for path in local if checkpoint_step(path) <= logged]
     if usable:
@@ -188,7 +195,7 @@ def resume_point(client: MlflowClient, run: Run, folder: Path) -> Path | None:
     if local:
         warn(f"{local[-1]} is newer than the last logged step {logged}; steps {logged + 1}..{checkpoint_step(local[-1])} will have no train metrics")
         return local[-1]
-    artifact_step = run.data.tags.get("checkpoint.artifact_step")
+    artifact_step = run.data.tags.get(CHECKPOINT_ARTIFACT_STEP)
     if not artifact_step:
         return None
     folder.mkdir(parents=True, exist_ok=True)
@@ -206,12 +213,12 @@ def resume_point(client: MlflowClient, run: Run, folder: Path) -> Path | None:
 def compare_with_original(client: MlflowClient, original: Run, result: TrainResult) -> dict:
     """Per-step train/loss and final val loss of the reproduction against the original: printed and logged on the new run."""
     def curve(run_id: str) -> dict[int, float]:
-        return {m.step: m.value for m in client.get_metric_history(run_id, "train/loss")}
+        return {m.step: m.value for m in client.get_metric_history(run_id, TRAIN_LOSS)}
 
     before, after = curve(original.info.run_id), curve(result.run_id)
     common = sorted(before.keys() & after.keys())
     max_diff = max((abs(before[s] - after[s]) for s in common), default=math.nan)
-    original_val = original.data.metrics.get("final/val_loss", math.nan)
+    original_val = original.data.metrics.get(FINAL_VAL_LOSS, math.nan)
     identical = bool(common) and before == after and original_val == result.final_val_loss
     now_ms = int(time.time() * 1000)
     metrics = {"reproduce/max_abs_train_loss_diff": max_diff, "reproduce/original_final_val_loss": original_val,

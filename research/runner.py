@@ -7,13 +7,18 @@ import shlex
 import sys
 from typing import Sequence
 
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 
 from research import distributed, registry
 from research.config import Config, resolve_path
+from research.run_params import STORE_KEYS
+from research.store_url import parse
 from research.trainer import Hooks, TrainResult, train
-from research.tracking import MLflowHook, mlflow_run, tracking_uri
+from research.tracking import MLflowHook, mlflow_run
+from research.tracking_store import tracking_uri
+from research.ui import run_url
 
 
 def run_experiment(cfg: DictConfig):
@@ -40,7 +45,8 @@ def run_tracked(
     with mlflow_run(cfg, parent_run_id=parent_run_id, tags=tags, run_id=run_id) as (client, run_id):
         if not cfg.train.checkpoint_dir:
             cfg.train.checkpoint_dir = str(resolve_path(cfg.out_dir) / "checkpoints" / run_id)
-        print_run_header(cfg, run_id)
+        page = run_page(tracking_uri(cfg), client, run_id)
+        print_run_header(cfg, run_id, page)
         hook = MLflowHook(client, run_id)
         try:
             result = train(cfg, [hook, *hooks])
@@ -51,7 +57,7 @@ def run_tracked(
         except BaseException:
             hook.close()  # the metrics up to the failure are kept
             raise
-        result.run_id = run_id
+        result.run_id, result.run_page = run_id, page
     return result
 
 
@@ -59,14 +65,21 @@ def resume_command(cfg: DictConfig, run_id: str) -> str:
     """The command line that continues a run, naming its store when that is not the default one."""
     args = [f"resume={run_id}"]
     defaults = OmegaConf.structured(Config)
-    for key in ("out_dir", "tracking.uri"):
+    for key in STORE_KEYS:
         if OmegaConf.select(cfg, key) != OmegaConf.select(defaults, key):
             args.append(f"{key}={OmegaConf.select(cfg, key)}")
     return "python run.py " + " ".join(shlex.quote(arg) for arg in args)
 
 
-def print_run_header(cfg: DictConfig, run_id: str) -> None:
-    Console().print(f"[bold]{cfg.exp}[/] run [cyan]{run_id}[/] -> {tracking_uri(cfg)}")
+def run_page(uri: str, client: MlflowClient, run_id: str) -> str:
+    """The run's page in the UI of a tracking server, on the classic run view; "" for a store that has no UI of its own."""
+    store = parse(uri)
+    return run_url(store.url, client.get_run(run_id).info.experiment_id, run_id) if store.kind == "http" else ""
+
+
+def print_run_header(cfg: DictConfig, run_id: str, page: str) -> None:
+    """The run's id, and its page on a tracking server (MLflow's own "View run" link, to another view, is turned off in run.py)."""
+    Console().print(f"[bold]{cfg.exp}[/] run [cyan]{run_id}[/] -> {page or parse(tracking_uri(cfg)).masked}", soft_wrap=True)
 
 
 def report(cfg: DictConfig, result: TrainResult) -> None:
@@ -77,7 +90,9 @@ def report(cfg: DictConfig, result: TrainResult) -> None:
     for prompt, text in result.samples[:2]:
         console.print(f"[dim]sample:[/] {text[:300]!r}")
     run_id = getattr(result, "run_id", None)
-    if run_id:
-        console.print(f"run id {run_id}; browse with [bold]python run.py ui[/] (store: {tracking_uri(cfg)})")
+    if run_id and result.run_page:
+        console.print(f"run {run_id}: {result.run_page}", soft_wrap=True)
+    elif run_id:
+        console.print(f"run id {run_id}; browse with [bold]python run.py ui[/] (store: {parse(tracking_uri(cfg)).masked})")
     if result.checkpoint:
         console.print(f"checkpoint: {result.checkpoint}")

@@ -24,38 +24,39 @@ import gc
 import math
 import time
 import warnings
-from pathlib import Path
 
 import optuna
 from mlflow.entities import Param, RunTag
+from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning, UpdateFinishedTrialError
-from optuna.storages import JournalStorage, RDBStorage, RetryHeartbeatStaleTrialCallback
-from optuna.storages._heartbeat import BaseHeartbeat, get_heartbeat_thread
-from optuna.storages.journal import JournalFileBackend
+from optuna.storages import RetryHeartbeatStaleTrialCallback
+from optuna.storages._heartbeat import get_heartbeat_thread
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 
-from research import distributed, registry
+from research import distributed, names, registry
 from research import search_space as spaces
-from research.config import apply_overrides, resolve_path, to_yaml, valid_keys, validate
-from research.database import mask_password, open_store
+from research.config import apply_overrides, to_yaml, valid_keys, validate
 from research.errors import UserError
-from research.tracking import (
-    SWEEP_SECTIONS, TRIAL_RUN_STATUS, MLflowHook, connect, params_and_tags, portable_value, start_run, tracking_uri, trial_run_name,
-)
-from research.study_plan import SEARCHED, SEED_ATTR, STAGE_ATTR, STEPS_ATTR, TEST_LOSS_ATTR, duplicate_of, grid_seeds, plan, trial_params
+from research.run_naming import start_run, trial_run_name
+from research.run_params import SWEEP_SECTIONS, TAG_CHARS, params_and_tags
+from research.store_url import parse
+from research.study_storage import open_storage, storage_url
+from research.study_plan import SEARCHED, SEED_ATTR, STAGE_ATTR, STEPS_ATTR, TEST_LOSS_ATTR, duplicate_of, grid_seeds, plan
 from research.sweep_report import summarise
+from research.tracking import MLflowHook
+from research.tracking_store import connect, tracking_uri
 from research.trainer import Hooks, train
 
 PARENT_RUN_ATTR = "mlflow_parent_run_id"  # study user attr: the study's MLflow parent run
 QUEUED_ATTR = "n_trials_queued"  # study user attr: how many search (or grid) trials have been enqueued in all
 STARTUP_TRIALS = 5  # TPE samples at random until this many trials finished, then models the good ones
 CHILD_RUN_ATTR = "mlflow_run_id"  # trial user attr: the trial's MLflow child run
-END_REASON_ATTR = "end_reason"  # trial user attr: why a trial was pruned or failed
-HEARTBEAT_ATTR = "heartbeat"  # trial system attr on journal storages: last sign of life (unix time)
+END_REASON_ATTR = names.END_REASON  # trial user attr: why a trial was pruned or failed
 WORKER_LOST = "its worker stopped (no heartbeat)"
 INTERRUPTED = "interrupted"  # Ctrl-C or SIGTERM: the trial counts as failed, its run ends KILLED like any stopped run
+TRIAL_RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "FINISHED", "FAIL": "FAILED"}  # a trial's run ends as its state says (sweep.state tells a pruned one)
 
 
 def run_sweep(cfg: DictConfig, space: dict[str, spaces.Dimension] | None = None) -> optuna.Study:
@@ -70,24 +71,16 @@ def run_sweep(cfg: DictConfig, space: dict[str, spaces.Dimension] | None = None)
     name = cfg.sweep.study_name or f"{cfg.exp}-sweep"
     url = storage_url(cfg)
     client = connect(tracking_uri(cfg)) if cfg.tracking.enabled else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ExperimentalWarning)
-        retry = RetryHeartbeatStaleTrialCallback(max_retry=cfg.sweep.max_retries)
-
-    def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:
-        close_child_run(client, trial.user_attrs.get(CHILD_RUN_ATTR), TrialState.FAIL, WORKER_LOST)
-        retry(study, trial)
-
-    storage = open_storage(url, cfg.sweep, on_stale)  # before MLflow: a bad storage URL fails at once
+    storage = open_storage(url, cfg.sweep, stale_trial_callback(client, cfg.sweep.max_retries))  # before MLflow: a bad storage URL fails at once
     study, created = open_study(name, storage, make_pruner(cfg), cfg, space)
-    console.print(f"[bold]study[/] {name} ({'new' if created else 'resumed'}, {cfg.sweep.n_trials} trials) in {mask_password(url)}")
+    console.print(f"[bold]study[/] {name} ({'new' if created else 'resumed'}, {cfg.sweep.n_trials} trials) in {parse(url).masked}")
     parent_run_id = open_parent_run(client, study, created, cfg, name, url, space)
     interrupted = True
     try:
         while (trial := take_queued_trial(study, cfg, space, min(cfg.sweep.heartbeat_s, 5), console)) is not None:
             run_trial(study, trial, cfg, space, client, parent_run_id, console)
             gc.collect()  # the trial's model is unreachable now; free it before the next one is built
-        summarise(study, cfg, registry.build(cfg.exp), space, shown_storage(url), client, parent_run_id, console)
+        summarise(study, cfg, registry.build(cfg.exp), space, parse(url).shown(), client, parent_run_id, console)
         interrupted = False
     finally:
         close_parent_run(client, parent_run_id, study, interrupted, console)
@@ -137,55 +130,7 @@ def make_pruner(cfg: DictConfig) -> optuna.pruners.BasePruner:
     return optuna.pruners.NopPruner()
 
 
-# ---- storage: where the study lives, and its queue of trials ----
-
-
-def storage_url(cfg: DictConfig) -> str:
-    return cfg.sweep.storage or f"sqlite:///{resolve_path(cfg.out_dir) / 'optuna.db'}"
-
-
-def journal_path(url: str) -> Path | None:
-    """`journal:PATH` or `PATH.journal`: a journal file that processes on one machine share."""
-    if url.startswith("journal:") or url.endswith(".journal"):
-        return resolve_path(url.removeprefix("journal:"))
-    return None
-
-
-def open_storage(url: str, sweep_cfg, on_stale) -> RDBStorage | JournalStorage:
-    """A journal file, or any SQLAlchemy URL (SQLite, PostgreSQL, MySQL), with heartbeats so dead workers' trials get failed."""
-    heartbeat = {"heartbeat_interval": sweep_cfg.heartbeat_s, "grace_period": sweep_cfg.grace_s, "heartbeat_stale_trial_callback": on_stale}
-
-    def storage() -> RDBStorage | JournalStorage:
-        if (path := journal_path(url)) is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            return JournalStorageWithHeartbeat(JournalFileBackend(str(path)), **heartbeat)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            return RDBStorage(url, **heartbeat)
-
-    return open_store(url, storage, "Optuna storage", "fix sweep.storage (is the server up, the database created, the driver installed?)")
-
-
-class JournalStorageWithHeartbeat(JournalStorage, BaseHeartbeat):
-    """Optuna's journal storage with the heartbeat its SQL storage has: the last sign of life is a trial system attr."""
-
-    def __init__(self, backend, heartbeat_interval: int, grace_period: int, heartbeat_stale_trial_callback):
-        super().__init__(backend)
-        self.heartbeat_interval, self.grace_period, self.on_stale = heartbeat_interval, grace_period, heartbeat_stale_trial_callback
-
-    def record_heartbeat(self, trial_id: int) -> None:
-        self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
-
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        now = time.time()
-        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-        return [t._trial_id for t in running if now - t.system_attrs.get(HEARTBEAT_ATTR, t.datetime_start.timestamp()) > self.grace_period]
-
-    def get_heartbeat_interval(self) -> int:
-        return self.heartbeat_interval
-
-    def get_heartbeat_stale_trial_callback(self):
-        return self.on_stale
+# ---- the queue of trials (the storage itself: research/study_storage.py) ----
 
 
 def queue_plan(cfg: DictConfig, space: dict[str, spaces.Dimension], queued: int) -> list[tuple[dict, dict]]:
@@ -205,16 +150,6 @@ def queue_plan(cfg: DictConfig, space: dict[str, spaces.Dimension], queued: int)
         plan_.append((default_params(cfg, space), {STAGE_ATTR: "default", SEED_ATTR: cfg.seed}))
     plan_ += [({}, {STAGE_ATTR: "search", SEED_ATTR: cfg.seed})] * max(0, s.n_trials - queued - len(plan_))
     return plan_
-
-
-def shown_storage(url: str) -> str:
-    """The storage URL as a report shows it: a file inside the repository relative to it, a password masked."""
-    prefix = next((p for p in ("sqlite:///", "journal:") if url.startswith(p)), "")
-    if prefix or journal_path(url):
-        local = portable_value("sweep.report.storage_file", url[len(prefix):])
-        if local is not None:
-            return prefix + local
-    return mask_password(url)
 
 
 def open_study(name: str, storage, pruner, cfg: DictConfig, space: dict[str, spaces.Dimension]) -> tuple[optuna.Study, bool]:
@@ -296,9 +231,9 @@ class ReportToTrial(Hooks):
         self.steps = max([self.steps, *(step for step, _ in rows)])
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        self.trial.report(metrics["val/loss"], step)
+        self.trial.report(metrics[names.VAL_LOSS], step)
         if self.prunable and step < self.last_step and self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {step} (val loss {metrics['val/loss']:.4f})")
+            raise optuna.TrialPruned(f"pruned at step {step} (val loss {metrics[names.VAL_LOSS]:.4f})")
 
 
 def trial_config(cfg: DictConfig, trial: optuna.Trial, space: dict[str, spaces.Dimension]) -> DictConfig:
@@ -321,8 +256,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: DictConfig, space: 
                      + "  ".join(f"{k}={v:.4g}" for k, v in trial.params.items()))
         hooks: list[Hooks] = [report]
         if client is not None:
-            run_id = start_run(client, trial_cfg, parent_run_id, {"sweep.study_name": study.study_name, "sweep.trial_number": str(trial.number),
-                                                                 "sweep.stage": trial.user_attrs.get(STAGE_ATTR, "search")})
+            run_id = start_run(client, trial_cfg, parent_run_id, {names.SWEEP_STUDY_NAME: study.study_name, names.SWEEP_TRIAL_NUMBER: str(trial.number),
+                                                                 names.SWEEP_STAGE: trial.user_attrs.get(STAGE_ATTR, "search")})
             trial.set_user_attr(CHILD_RUN_ATTR, run_id)
             hooks.insert(0, MLflowHook(client, run_id, log_artifacts=False))
         with get_heartbeat_thread(trial._trial_id, study._storage):
@@ -344,17 +279,18 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: DictConfig, space: 
         raise
     except Exception as err:  # NaN loss, out of memory, a bad config: this trial fails, the study goes on
         state, value, reason = TrialState.FAIL, None, f"{type(err).__name__}: {err}"
-    trial.set_user_attr(STEPS_ATTR, report.steps)
-    finish_trial(study, trial, client, run_id, state, value, reason)
+    finish_trial(study, trial, client, run_id, state, value, reason, {STEPS_ATTR: report.steps})
     console.print(f"trial {trial.number}: [bold]{state.name}[/]" + (f" val loss {value:.4f}" if value is not None else "") + (f" ({reason})" if reason else ""))
 
 
-def finish_trial(study: optuna.Study, trial: optuna.Trial, client, run_id: str | None, state: TrialState, value: float | None, reason: str) -> None:
-    """Tell the study, then end the child run once, with the same state. An interrupted trial is queued again."""
+def finish_trial(study: optuna.Study, trial: optuna.Trial, client, run_id: str | None, state: TrialState, value: float | None, reason: str,
+                 attrs: dict | None = None) -> None:
+    """Set the trial's last user attrs and tell the study, then end the child run once, with the same state. An interrupted trial is queued again."""
     try:
-        trial.set_user_attr(END_REASON_ATTR, reason[:1000])
+        for key, attr in {**(attrs or {}), END_REASON_ATTR: reason[:1000]}.items():
+            trial.set_user_attr(key, attr)
         study.tell(trial, value, state=state)
-    except UpdateFinishedTrialError:  # this worker was silent too long and another one failed (and queued) the trial
+    except UpdateFinishedTrialError:  # this worker was silent too long: another one failed the trial (and ended its run, on_stale)
         state, reason = TrialState.FAIL, WORKER_LOST
     else:
         if reason == INTERRUPTED:  # rerunning the command finishes the study
@@ -364,13 +300,34 @@ def finish_trial(study: optuna.Study, trial: optuna.Trial, client, run_id: str |
     close_child_run(client, run_id, state, reason)
 
 
+def stale_trial_callback(client, max_retries: int):
+    """What the worker that fails a silent worker's trial does (Optuna calls it in that worker alone): end the trial's run, queue the trial again."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ExperimentalWarning)
+        retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retries)
+
+    def on_stale(study: optuna.Study, trial: FrozenTrial) -> None:
+        close_child_run(client, trial.user_attrs.get(CHILD_RUN_ATTR), TrialState.FAIL, WORKER_LOST)
+        retry(study, trial)
+
+    return on_stale
+
+
 def close_child_run(client, run_id: str | None, state: TrialState, reason: str) -> None:
-    """The child run's end mirrors the trial's: FINISHED (complete or pruned: the tag sweep.state tells), FAILED, or KILLED when interrupted."""
+    """The child run's end mirrors the trial's: FINISHED (complete or pruned: the tag sweep.state tells), FAILED, or KILLED when
+    interrupted. A run ended already (by the worker that failed its stale trial) or not in this store is left alone: it ends once."""
     if client is None or run_id is None:
         return
-    client.set_tag(run_id, "sweep.state", state.name)
+    try:
+        if client.get_run(run_id).info.status != "RUNNING":
+            return
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return
+        raise
+    client.set_tag(run_id, names.SWEEP_STATE, state.name)
     if reason:
-        client.set_tag(run_id, "end_reason", reason[:5000])
+        client.set_tag(run_id, names.END_REASON, reason[:TAG_CHARS])
     client.set_terminated(run_id, status="KILLED" if reason == INTERRUPTED else TRIAL_RUN_STATUS[state.name])
 
 
@@ -379,12 +336,12 @@ def close_child_run(client, run_id: str | None, state: TrialState, reason: str) 
 
 def parent_tags(cfg: DictConfig, name: str, url: str, pruner: optuna.pruners.BasePruner, space: dict[str, spaces.Dimension]) -> dict[str, str]:
     tags = {
-        "sweep.study_name": name,
-        "sweep.storage": mask_password(url),
+        names.SWEEP_STUDY_NAME: name,
+        names.SWEEP_STORAGE: parse(url).masked,
         "sweep.n_trials": str(cfg.sweep.n_trials),
         "sweep.sampler": f"TPESampler(seed={cfg.seed} + trial number)",
         "sweep.pruner": f"{type(pruner).__name__} ({cfg.sweep.pruner})",
-        "experiment": cfg.exp,
+        names.EXPERIMENT: cfg.exp,
     }
     tags.update({f"sweep.space.{key}": text for key, text in spaces.describe(space).items()})
     return tags
@@ -405,7 +362,7 @@ def open_parent_run(client, study: optuna.Study, created: bool, cfg: DictConfig,
     else:
         client.update_run(run_id, status="RUNNING")
     client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
-    client.log_text(run_id, to_yaml(cfg), "config.yaml")
+    client.log_text(run_id, to_yaml(cfg), names.CONFIG_ARTIFACT)
     return run_id
 
 

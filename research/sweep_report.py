@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 from research.config import flatten, resolve_path
+from research.names import END_REASON
 from research.paired import Paired
 from research.search_space import describe
 from research.study_plan import (
@@ -152,7 +153,7 @@ def trial_row(trial: FrozenTrial, space: dict) -> list[str]:
     loss = f"{trial.value:.4f}" if done else ""
     test = f"{trial.user_attrs[TEST_LOSS_ATTR]:.4f}" if done and TEST_LOSS_ATTR in trial.user_attrs else ""
     return [str(trial.number), trial.user_attrs.get(STAGE_ATTR, ""), str(trial.user_attrs.get(SEED_ATTR, "")), *values, loss, test,
-            str(trial.user_attrs.get(STEPS_ATTR, "")), trial.state.name, trial.user_attrs.get("end_reason", "")]
+            str(trial.user_attrs.get(STEPS_ATTR, "")), trial.state.name, trial.user_attrs.get(END_REASON, "")]
 
 
 def format_params(params: dict) -> str:

@@ -1,9 +1,8 @@
 """Upload runs that lost their tracking server, once a server answers again (`python run.py sync`).
 
-A run whose server went away keeps going and leaves `<out_dir>/offline/<run_id>.jsonl` (a header
-with its experiment, name, params and tags; then the metric points, tags and end status the
-server missed) and, beside it, `<run_id>/` with the artifacts it could not upload. Sync puts them
-into the same run when the server still has it, else into a new run tagged `sync.original_run_id`.
+A run whose server went away keeps going and leaves `<out_dir>/offline/<run_id>.jsonl` and, beside
+it, `<run_id>/` with the artifacts it could not upload (the format: research/offline.py). Sync puts
+them into the same run when the server still has it, else into a new run tagged `sync.original_run_id`.
 
 Every step compares with what the server holds (params by key, metric points by key and step,
 tags by value, artifact files by path and size), so a sync killed halfway, or run twice, uploads
@@ -12,58 +11,28 @@ nothing twice and loses nothing. A run with its end status uploaded moves to `of
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
-from research.tracking import METRIC_BATCH, PARAM_BATCH, experiment_id, offline_artifacts, recipe_description, unique_run_name
+from research import names, offline
+from research.offline import OfflineRun
+from research.run_naming import unique_run_name
+from research.tracking_store import METRIC_BATCH, PARAM_BATCH, experiment_id, recipe_description
 
-ORIGINAL_TAG = "sync.original_run_id"  # on a run recreated by sync: the id the run had on the server it lost
-NOT_COPIED_TAGS = ("mlflow.runName", "mlflow.parentRunId")  # the new run's own name; a parent on the lost server
-
-
-@dataclass
-class OfflineRun:
-    """What one fallback file holds."""
-
-    run_id: str
-    path: Path
-    header: dict = field(default_factory=dict)  # {} when the run lost its server only while ending
-    metrics: list[Metric] = field(default_factory=list)
-    tags: dict[str, str] = field(default_factory=dict)
-    status: str | None = None  # None: the run is still going, or its process died
-    end_reason: str | None = None
-
-
-def read_offline(path: Path) -> OfflineRun:
-    run = OfflineRun(run_id=path.stem, path=path)
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        record = json.loads(line)
-        if "run" in record:
-            run.header = record["run"]
-        elif "metric" in record:
-            run.metrics.append(Metric(record["metric"], record["value"], record["timestamp"], record["step"]))
-        elif "tag" in record:
-            run.tags[record["tag"]] = record["value"]
-        elif "status" in record:
-            run.status, run.end_reason = record["status"], record["end_reason"]
-    return run
+NOT_COPIED_TAGS = (names.RUN_NAME, names.PARENT_RUN)  # the new run's own name; a parent on the lost server
 
 
 def sync_offline(folder: Path, client: MlflowClient, artifact_location: str | None) -> int:
     """Upload every run file in `folder` to the client's store; the number of runs that had something to upload."""
-    paths = sorted(folder.glob("*.jsonl")) if folder.is_dir() else []
+    paths = offline.run_files(folder)
     changed = 0
     for path in paths:
-        changed += sync_run(client, read_offline(path), artifact_location)
+        changed += sync_run(client, offline.read(path), artifact_location)
     if not changed:
         print(f"nothing left to sync in {folder}" + (f" ({len(paths)} run(s) still without an end status)" if paths else ""))
     return changed
@@ -77,7 +46,7 @@ def sync_run(client: MlflowClient, run: OfflineRun, artifact_location: str | Non
         return False
     on_server = client.get_run(target)
     params = {k: v for k, v in run.header.get("params", {}).items() if k not in on_server.data.params}
-    tags = {k: v for k, v in {**run.tags, **({"end_reason": run.end_reason} if run.end_reason else {})}.items() if on_server.data.tags.get(k) != v}
+    tags = {k: v for k, v in {**run.tags, **({names.END_REASON: run.end_reason} if run.end_reason else {})}.items() if on_server.data.tags.get(k) != v}
     metrics = missing_metrics(client, target, run.metrics)
     for i in range(0, len(params), PARAM_BATCH):
         client.log_batch(target, params=[Param(k, str(v)) for k, v in list(params.items())[i : i + PARAM_BATCH]])
@@ -85,7 +54,7 @@ def sync_run(client: MlflowClient, run: OfflineRun, artifact_location: str | Non
         client.log_batch(target, metrics=metrics[i : i + METRIC_BATCH])
     if tags:
         client.log_batch(target, tags=[RunTag(k, v) for k, v in tags.items()])
-    files = upload_artifacts(client, target, offline_artifacts(run.path))
+    files = upload_artifacts(client, target, offline.artifacts_folder(run.path))
     ended = run.status is not None and on_server.info.status != run.status
     if ended:
         end_ms = max((m.timestamp for m in run.metrics), default=int(time.time() * 1000))
@@ -112,12 +81,12 @@ def target_run(client: MlflowClient, run: OfflineRun, artifact_location: str | N
     if not run.header:
         return None, ""
     header_tags = run.header.get("tags", {})
-    exp_id = experiment_id(client, run.header["experiment"], artifact_location, recipe_description(header_tags.get("experiment", "")))
-    earlier = client.search_runs([exp_id], filter_string=f"tags.`{ORIGINAL_TAG}` = '{run.run_id}'", max_results=1)
+    exp_id = experiment_id(client, run.header["experiment"], artifact_location, recipe_description(header_tags.get(names.EXPERIMENT, "")))
+    earlier = client.search_runs([exp_id], filter_string=f"tags.`{names.SYNC_ORIGINAL_RUN_ID}` = '{run.run_id}'", max_results=1)
     if earlier:
         return earlier[0].info.run_id, "earlier copy"
     tags = {k: v for k, v in header_tags.items() if k not in NOT_COPIED_TAGS}
-    tags[ORIGINAL_TAG] = run.run_id
+    tags[names.SYNC_ORIGINAL_RUN_ID] = run.run_id
     name = unique_run_name(client, exp_id, run.header.get("run_name") or run.header["experiment"])
     created = client.create_run(exp_id, start_time=run.header.get("start_time"), run_name=name, tags=tags)
     return created.info.run_id, "new run"
@@ -159,7 +128,7 @@ def archive(path: Path) -> None:
     """Move a fully uploaded run file (and its artifacts folder) to offline/synced/, out of the next sync's way."""
     done = path.parent / "synced"
     done.mkdir(exist_ok=True)
-    artifacts = offline_artifacts(path)
+    artifacts = offline.artifacts_folder(path)
     if artifacts.is_dir():
         shutil.rmtree(done / artifacts.name, ignore_errors=True)
         artifacts.rename(done / artifacts.name)

@@ -30,6 +30,7 @@ from research.evaluate import evaluate
 from research.hardware import cpu_has_fast_bf16, device_name, keep_freed_memory, peak_flops
 from research.metrics import MetricLog
 from research.model import MiniMindForCausalLM, flops_per_token, num_params
+from research.names import TRAIN_LOSS
 from research.sample import generate_samples
 from research.schedule import lr_at
 from research.state import TrainState, rng_state
@@ -63,6 +64,7 @@ class RunInfo:
     tokenizer: Any
     data_info: DataInfo
     derived: dict[str, Any]
+    compiled: bool = False  # what train.compile resolved to for this model and device
 
 
 @dataclass
@@ -79,8 +81,9 @@ class TrainResult:
     checkpoint: Path | None
     derived: dict[str, Any] = field(default_factory=dict)
     run_id: str | None = None  # the MLflow run, when tracked
+    run_page: str = ""  # its page in the MLflow UI, when the store is a tracking server
 
-    def curve(self, name: str = "train/loss") -> list[tuple[int, float]]:
+    def curve(self, name: str = TRAIN_LOSS) -> list[tuple[int, float]]:
         return [(step, row[name]) for step, row in self.history if name in row]
 
 
@@ -109,7 +112,7 @@ def run_training(cfg: DictConfig, hooks: Sequence[Hooks], stop: StopSignal) -> T
     derived = derived_quantities(cfg, run, env)
     describe(derived, run.precision, env, console)
     for hook in hooks:
-        hook.on_start(RunInfo(cfg, state.model, run.tokenizer, run.data_info, derived))
+        hook.on_start(RunInfo(cfg, state.model, run.tokenizer, run.data_info, derived, run.compiled))
     log = MetricLog(env, hooks, console, derived["FLOPs per token"], derived["peak FLOP/s (for MFU)"], run.precision,
                     check_grad_norm=not state.scaler.is_enabled(), max_steps=t.max_steps, start_step=state.step)
 

@@ -1,8 +1,10 @@
-"""The MLflow UI for a tracking store: opened on the classic runs view, stopped with everything it started.
+"""The MLflow UI for a tracking store: opened on the classic views, stopped with everything it started.
 
-MLflow 3 opens experiments on its GenAI (traces) view unless the URL asks for
-`workflowType=machine_learning`. `mlflow server` spawns uvicorn workers; it runs in a
-session of its own, so stopping it kills the whole process group, workers included.
+MLflow 3's UI shows experiments and runs in its GenAI (traces) view unless the page's URL asks for
+`workflowType=machine_learning` (else it keeps the view last chosen in that browser, GenAI at
+first); the `mlflow.experimentKind` tag does not decide it. So every link we print carries it:
+`experiment_url`, `run_url`. `mlflow server` spawns uvicorn workers; it runs in a session of
+its own, so stopping it kills the whole process group, workers included.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from contextlib import contextmanager
 from typing import Iterator
 
 from research.errors import UserError
+from research.store_url import parse
 
 CLASSIC_VIEW = "workflowType=machine_learning"
 STOP_GRACE_S = 10  # after SIGTERM, how long the server's process group gets before SIGKILL
@@ -30,9 +33,15 @@ def experiment_url(base_url: str, experiment_id: str | None) -> str:
     return f"{base_url.rstrip('/')}/#/{page}?{CLASSIC_VIEW}"
 
 
+def run_url(base_url: str, experiment_id: str, run_id: str, tab: str = "") -> str:
+    """The UI page of one run on the classic run view; `tab` opens one of its tabs (e.g. artifacts/summary.html)."""
+    page = f"experiments/{experiment_id}/runs/{run_id}" + (f"/{tab.strip('/')}" if tab else "")
+    return f"{base_url.rstrip('/')}/#/{page}?{CLASSIC_VIEW}"
+
+
 def find_experiment(uri: str, name: str) -> str | None:
     """The id of experiment `name` in the store at `uri`; None when it has no such experiment."""
-    from research.tracking import connect
+    from research.tracking_store import connect
 
     found = connect(uri).get_experiment_by_name(name)
     return found.experiment_id if found else None
@@ -116,7 +125,7 @@ def sigterm_as_interrupt() -> Iterator[None]:
 
 def serve_ui(uri: str, artifact_root: str | None, experiment: str, host: str, port: int) -> int:
     """Serve the UI on a database store until Ctrl-C or SIGTERM; for a tracking server, print where to open it."""
-    if uri.startswith(("http://", "https://")):
+    if parse(uri).kind == "http":
         print(f"the tracking store is a server; open {experiment_url(uri, find_experiment(uri, experiment))}", flush=True)
         return 0
     if not port_is_free(host, port):
@@ -127,7 +136,7 @@ def serve_ui(uri: str, artifact_root: str | None, experiment: str, host: str, po
         proc = start_server(server_command(uri, artifact_root, host, port))
         try:
             wait_until_healthy(base, proc)
-            print(f"MLflow UI on {uri}\nopen {experiment_url(base, experiment_id)}\n(Ctrl-C stops it)", flush=True)
+            print(f"MLflow UI on {parse(uri).masked}\nopen {experiment_url(base, experiment_id)}\n(Ctrl-C stops it)", flush=True)
             proc.wait()
             return 0 if proc.returncode in (0, -signal.SIGTERM) else proc.returncode
         except KeyboardInterrupt:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(REPO))
 from mlflow.tracking import MlflowClient  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from research.ui import CLASSIC_VIEW, server_command, start_server, stop_server, wait_until_healthy  # noqa: E402
+from research.ui import CLASSIC_VIEW, run_url, server_command, start_server, stop_server, wait_until_healthy  # noqa: E402
 
 OUT = REPO / "docs" / "screenshots"
 EXPERIMENT = "lr_sweep"  # the baseline run is logged beside the sweep (tracking.experiment), so that one table holds both
@@ -90,7 +90,7 @@ def pages(base: str, client: MlflowClient) -> dict[str, str]:
     return {
         "runs.png": f"{base}/#/experiments/{experiment.experiment_id}/runs?{CLASSIC_VIEW}&{by_loss}",
         "compare.png": f"{base}/#/compare-runs?{query}",
-        "summary.png": f"{base}/#/experiments/{experiment.experiment_id}/runs/{parent.info.run_id}/artifacts/summary.html",
+        "summary.png": run_url(base, experiment.experiment_id, parent.info.run_id, "artifacts/summary.html"),  # the classic run page
     }
 
 

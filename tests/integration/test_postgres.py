@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 from conftest import PG_PASSWORD, REPO, TINY, assert_one_line_error, free_port, run_cli
 from research.errors import UserError
 from research.sweep import CHILD_RUN_ATTR
-from research.tracking import connect
+from research.tracking_store import connect
 
 STUDY = "lr_sweep-sweep"
 SWEEP = {**TINY, "train.max_steps": 8, "train.eval_every": 4, "train.eval_batches": 1, "train.sample_tokens": 0, "sweep.confirm_seeds": 0, "sweep.eval_seeds": 0,
@@ -119,7 +119,7 @@ OPEN_BOTH_AT = """
 import sys
 from omegaconf import OmegaConf
 from research.sweep import open_storage
-from research.tracking import connect
+from research.tracking_store import connect
 storage, tracking = sys.argv[1], sys.argv[2]
 print("ready", flush=True)
 sys.stdin.readline()  # every process is past its imports: go, all at once

@@ -33,7 +33,7 @@ from research.sweep import CHILD_RUN_ATTR, run_sweep
 from research.metrics import NonFiniteLoss
 from research.step import SkippedSteps, optimizer_step
 from research.trainer import out_of_memory_advice
-from research.tracking import tracking_uri
+from research.tracking_store import tracking_uri
 from conftest import assert_one_line_error
 from test_sweep import empty_store  # noqa: F401 (a fixture: a migrated MLflow store to copy)
 

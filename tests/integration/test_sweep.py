@@ -21,7 +21,7 @@ from research.search_space import Float, Int
 from research.errors import UserError
 from research.model import MiniMindForCausalLM
 from research.sweep import CHILD_RUN_ATTR, END_REASON_ATTR, PARENT_RUN_ATTR, run_sweep
-from research.tracking import artifact_root, connect, experiment_id, tracking_uri
+from research.tracking_store import artifact_root, connect, experiment_id, tracking_uri
 
 STUDY = "lr_sweep-sweep"  # the default name for exp=lr_sweep
 SWEEP = {**TINY, "train.max_steps": 8, "train.eval_every": 4, "train.eval_batches": 1, "train.sample_tokens": 0, "sweep.confirm_seeds": 0,
@@ -193,14 +193,6 @@ def test_a_dead_workers_trial_is_failed_and_queued_again(sweep_cfg, tmp_path, ki
     assert run.info.status == "FAILED" and "no heartbeat" in run.data.tags["end_reason"]
     parents, children = runs_of(cfg)
     assert [p.info.status for p in parents if p.info.run_id != run_id] == ["FINISHED"] and sorted(children) == [1, 2]
-
-
-def test_reports_show_storages_inside_the_repo_relative_to_it():
-    assert sweep.shown_storage(f"sqlite:///{REPO}/results/optuna.db") == "sqlite:///results/optuna.db"
-    assert sweep.shown_storage(f"journal:{REPO}/results/study.journal") == "journal:results/study.journal"
-    assert sweep.shown_storage(f"{REPO}/results/study.journal") == "results/study.journal"
-    assert sweep.shown_storage("sqlite:////elsewhere/optuna.db") == "sqlite:////elsewhere/optuna.db"
-    assert sweep.shown_storage("postgresql://u:secret@host/optuna") == "postgresql://u:***@host/optuna"
 
 
 def test_bad_bounds_and_storages_are_one_line_errors(sweep_cfg):

@@ -6,7 +6,7 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from research.runner import run_tracked
-from research.tracking import tracking_uri
+from research.tracking_store import tracking_uri
 from research.step import masked_cross_entropy
 from research.trainer import Hooks, train
 

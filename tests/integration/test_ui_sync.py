@@ -15,7 +15,8 @@ from mlflow.tracking import MlflowClient
 
 from conftest import REPO, TINY, last_logged_step, run_cli
 from research.runner import run_tracked
-from research.tracking import NOTE_TAG, recipe_description
+from research.names import COMPILE_RESOLVED, EXPERIMENT_KIND, NOTE
+from research.tracking_store import recipe_description
 from research.ui import start_server, stop_server, wait_until_healthy
 from test_sweep import empty_store  # noqa: F401 (a fixture: a migrated MLflow store to copy)
 
@@ -75,8 +76,10 @@ def test_runs_are_named_and_log_only_portable_params(tiny_cfg, server):
     tags = run.data.tags
     assert tags["train.checkpoint_dir"].startswith("/") and tags["data.cache_dir"] and tags["out_dir"]
     assert tags["git.dirty"] in ("true", "false") and "train.checkpoint_dir" not in params
+    assert params["train.compile"] == "auto" and params[COMPILE_RESOLVED] == "false"  # what auto chose: no compiling for a tiny model on a CPU
+    assert first.run_page == f"{server.uri}/#/experiments/{run.info.experiment_id}/runs/{first.run_id}?workflowType=machine_learning"
     experiment = client.get_experiment(run.info.experiment_id)
-    assert experiment.tags[NOTE_TAG] == recipe_description("baseline") and experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.tags[NOTE] == recipe_description("baseline") and experiment.tags[EXPERIMENT_KIND] == "custom_model_development"
 
     proc = run_cli("ui", f"tracking.uri={server.uri}", timeout=120)  # a server store: print where to look, start nothing
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr
@@ -142,8 +145,10 @@ def test_a_run_that_lost_its_server_is_synced_into_the_same_run_once(tmp_path, t
     while last_logged_step(server.db) < 10 and trainer.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     server.kill()
-    _, stderr = trainer.communicate(timeout=180)
+    stdout, stderr = trainer.communicate(timeout=180)
     assert trainer.returncode == 0 and "Traceback" not in stderr, stderr[-3000:]
+    assert "View run" not in stdout and f"{server.uri}/#/experiments/" in stdout  # our link to the classic run page, not MLflow's to the GenAI view
+    assert all(line.endswith("?workflowType=machine_learning") for line in stdout.splitlines() if "/#/experiments/" in line), stdout
     assert 10 <= last_logged_step(server.db) < steps  # the server was lost mid-run
     (fallback,) = (out / "offline").glob("*.jsonl")
     run_id = fallback.stem

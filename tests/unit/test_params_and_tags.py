@@ -2,7 +2,7 @@
 
 from conftest import REPO
 from research.config import make_config
-from research.tracking import SWEEP_SECTIONS, TRAIN_SECTIONS, params_and_tags, portable_value
+from research.run_params import SWEEP_SECTIONS, TRAIN_SECTIONS, params_and_tags, portable_value
 
 
 def split(overrides: dict, sections=TRAIN_SECTIONS) -> tuple[dict, dict]:
