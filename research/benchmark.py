@@ -31,7 +31,7 @@ from research.bench_timing import BenchResult, Candidate, Phase, Ticker, load_av
 from research.config import apply_overrides, resolve_path, validate
 from research.errors import UserError
 from research.hardware import autocast_dtype, device_name, keep_freed_memory, matmul_sizes, measure_matmul_flops, peak_flops, usable_cores
-from research.model import flops_per_token, num_params
+from research.accounting import flops_per_token, num_params
 from research.trainer import RunInfo, derived_quantities
 
 

@@ -19,7 +19,8 @@ from research.config import resolve_path
 from research.data import BatchSampler, DataInfo, build_datasets
 from research.errors import UserError
 from research.hardware import autocast_dtype, resolve_compile, resolve_precision
-from research.model import MiniMindConfig, MiniMindForCausalLM, model_config, num_params
+from research.accounting import num_params
+from research.model import MiniMindConfig, MiniMindForCausalLM, model_config
 from research.state import TrainState, seed_everything
 from research.step import SkippedSteps, StepRunner, build_optimizer
 from research.tokenizer import load_tokenizer

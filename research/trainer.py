@@ -29,7 +29,8 @@ from research.errors import UserError
 from research.evaluate import evaluate
 from research.hardware import cpu_has_fast_bf16, device_name, keep_freed_memory, peak_flops
 from research.metrics import MetricLog
-from research.model import MiniMindForCausalLM, flops_per_token, num_params
+from research.accounting import flops_per_token, num_params
+from research.model import MiniMindForCausalLM
 from research.names import TRAIN_LOSS
 from research.sample import generate_samples
 from research.schedule import lr_at

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, Llam
 from research.config import ModelConfig
 from research.errors import UserError
 from research.export import export_llama, to_llama_config
-from research.model import (MiniMindConfig, MiniMindForCausalLM, attention_mask_for, flops_per_token, model_config,
-                            num_params)
+from research.accounting import flops_per_token, num_params
+from research.model import MiniMindConfig, MiniMindForCausalLM, attention_mask_for, model_config
 
 TEXT = b"ROMEO: But soft, what light through yonder window breaks? It is the east, and Juliet is the sun."
 
