@@ -253,13 +253,14 @@ def test_search_confirm_evaluate_on_separate_seeds_and_the_retrain_command_repea
 
 
 def test_a_grid_runs_every_point_at_every_seed(sweep_cfg):
-    grid = {"train.lr": Float(1e-3, 3e-3, log=True, grid=(1e-3, 3e-3)), "train.warmup_steps": Int(0, 4), "train.min_lr_ratio": Float(0.0, 1.0, grid=(0.1,))}
     cfg = sweep_cfg(sweep__sampler="grid", sweep__grid_seeds=2, sweep__n_trials=4, sweep__pruner="none", sweep__enqueue_default=False)
+    lr, ratio = cfg.train.lr, cfg.train.min_lr_ratio  # the recipe's values are one of the grid's points
+    grid = {"train.lr": Float(1e-4, 1e-2, log=True, grid=(1e-3, lr)), "train.warmup_steps": Int(0, 4), "train.min_lr_ratio": Float(0.0, 1.0, grid=(ratio,))}
     trials = run_sweep(cfg, space=grid).get_trials()
-    assert sorted((t.params["train.lr"], t.user_attrs["seed"]) for t in trials) == [(1e-3, 1337), (1e-3, 1338), (3e-3, 1337), (3e-3, 1338)]
-    assert all(t.state == TrialState.COMPLETE and t.params["train.min_lr_ratio"] == 0.1 for t in trials)
+    assert sorted((t.params["train.lr"], t.user_attrs["seed"]) for t in trials) == [(1e-3, 1337), (1e-3, 1338), (lr, 1337), (lr, 1338)]
+    assert all(t.state == TrialState.COMPLETE and t.params["train.min_lr_ratio"] == ratio for t in trials)
     summary = (Path(cfg.out_dir) / "sweeps" / STUDY / "summary.md").read_text()
-    assert f"| train.lr={cfg.train.lr:.4g} train.min_lr_ratio=0.1 (default) |" in summary  # the grid point with the recipe's values
+    assert f"| train.lr={lr:.4g} train.min_lr_ratio={ratio:.4g} (default) |" in summary  # the grid point with the recipe's values
     assert all("train.warmup_steps" not in t.params for t in trials)  # no grid values: the recipe's warmup
     with pytest.raises(UserError, match="sweep.sampler=grid needs sweep.n_trials = the grid's points x sweep.grid_seeds = 4"):
         run_sweep(sweep_cfg(sweep__sampler="grid", sweep__grid_seeds=2, sweep__n_trials=3), space=grid)
