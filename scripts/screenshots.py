@@ -1,4 +1,4 @@
-"""The README's MLflow UI screenshots, regenerated: `.venv/bin/python scripts/screenshots.py` (about 3 minutes on 2 cores).
+"""The MLflow UI screenshots of the README and docs/, regenerated: `.venv/bin/python scripts/screenshots.py` (about 3 minutes on 2 cores).
 
 In a temporary folder it starts `mlflow server` on 127.0.0.1 and a free port, logs to it a tiny baseline
 run and a tiny 4-trial sweep (both `python run.py ...` commands, on tests/data/tang_song.jsonl and a
@@ -38,7 +38,7 @@ OUT = REPO / "docs" / "screenshots"
 EXPERIMENT = "lr_sweep"  # the baseline run is logged beside the sweep (tracking.experiment), so that one table holds both
 HOST = "mlflow.test"  # the name the browser uses for 127.0.0.1 (see above)
 WINDOW = (1400, 1000)  # browser window, CSS pixels: the size of the saved PNGs
-RENDER_MS = 20_000  # virtual time the UI gets to fetch its data and draw (it is a JS app)
+RENDER_MS = 40_000  # virtual time the UI gets to fetch its data and draw (it is a JS app; the summary page embeds its plots)
 SMALL_RUN = [
     "data.path=tests/data/tang_song.jsonl", "model.hidden_size=64", "model.num_hidden_layers=2", "model.num_attention_heads=4",
     "model.num_key_value_heads=2", "data.seq_len=64", "train.batch_size=8", "train.max_steps=40", "train.eval_every=10",
@@ -89,7 +89,7 @@ def pages(base: str, client: MlflowClient) -> dict[str, str]:
     by_loss = urllib.parse.urlencode({"orderByKey": "metrics.`val/loss`", "orderByAsc": "true"})  # sorted by a metric, the table lists child runs flat
     return {
         "runs.png": f"{base}/#/experiments/{experiment.experiment_id}/runs?{CLASSIC_VIEW}&{by_loss}",
-        "compare.png": f"{base}/#/compare-runs?{query}",
+        "compare.png": f"{base}/#/compare-runs?{query}&{CLASSIC_VIEW}",
         "summary.png": run_url(base, experiment.experiment_id, parent.info.run_id, "artifacts/summary.html"),  # the classic run page
     }
 
