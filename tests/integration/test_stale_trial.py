@@ -17,7 +17,7 @@ from rich.console import Console
 from conftest import REPO, TINY
 from research import registry
 from research.names import END_REASON, SWEEP_STATE
-from research.sweep import CHILD_RUN_ATTR, STEPS_ATTR, WORKER_LOST, open_storage, run_trial, stale_trial_callback
+from research.sweep import CHILD_RUN_ATTR, STEPS_ATTR, WORKER_LOST, active_space, open_storage, run_trial, stale_trial_callback
 from research.tracking_store import connect
 from test_sweep import empty_store  # noqa: F401 (a fixture: a migrated MLflow store to copy)
 
@@ -49,7 +49,8 @@ def test_a_stale_trials_run_is_ended_once_by_the_worker_that_failed_it(tmp_path,
     watcher = threading.Thread(target=other_worker)
     watcher.start()
     try:
-        run_trial(study, trial, cfg, client, None, Console(quiet=True))  # trains to the end, then finds its trial failed
+        space = active_space(cfg, registry.search_space("lr_sweep"))
+        run_trial(study, trial, cfg, space, client, None, Console(quiet=True))  # trains to the end, then finds its trial failed
     finally:
         failed_at.append(None)  # stop the watcher if it has not fired
         watcher.join()
