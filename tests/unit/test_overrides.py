@@ -94,6 +94,12 @@ def test_the_defaults_and_the_edges_of_each_range_are_valid():
     (["sweep.pruner=asha"], "sweep.pruner must be hyperband, median or none"),
     (["sweep.heartbeat_s=60", "sweep.grace_s=60"], "need 0 < sweep.heartbeat_s < sweep.grace_s"),
     (["sweep.max_retries=-1"], "sweep.max_retries >= 0"),
+    (["data.test_fraction=-0.1"], "data.test_fraction must be >= 0"),
+    (["data.val_fraction=0.5", "data.test_fraction=0.5"], r"leave documents to train on \(val \+ test < 1\)"),
+    (["train.test_batches=-1"], "train.test_batches must be >= 0"),
+    (["sweep.sampler=random"], "sweep.sampler must be tpe or grid"),
+    (["sweep.choose_by=median"], "sweep.choose_by must be worst, mean_plus_sd or mean"),
+    (["sweep.eval_seeds=-1"], "eval_seeds, prune_after_steps and prune_after_trials must be >= 0"),
     (["train.precision=fp16", "train.device=cpu"], "train.precision=fp16 needs a CUDA device"),
 ])
 def test_impossible_values_are_refused_in_one_line(overrides, message):
