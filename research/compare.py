@@ -124,13 +124,10 @@ def differing_keys(a: RunSet, b: RunSet) -> list[tuple[str, str, str]]:
 
 def compare(client, a_selector: str, b_selector: str | None, metric: str, lower_is_better: bool, out: str | None, console: Console) -> Paired:
     """Print (and with `out`, write as Markdown) the seed-paired comparison of A against B."""
+    if b_selector is None and not (RUN_ID.match(a_selector.strip()) and is_sweep_parent(get_run(client, a_selector.strip()))):
+        raise UserError("compare needs two selectors (A B), or one sweep parent run id (its answer against its default)")
     a = select(client, a_selector, "answer")
-    if b_selector is None:
-        if not (len(a.runs) and "sweep" in a.label and RUN_ID.match(a_selector.strip())):
-            raise UserError("compare needs two selectors (A B), or one sweep parent run id (its answer against its default)")
-        b = select(client, a_selector, "default")
-    else:
-        b = select(client, b_selector, "default")
+    b = select(client, a_selector if b_selector is None else b_selector, "default")
     paired = Paired(by_seed(a, metric), by_seed(b, metric), lower_is_better)
     if paired.n == 0:
         raise UserError(f"no seed is in both: A has seeds {sorted(paired.a)}, B has {sorted(paired.b)}; train the missing seeds or pick other runs")
