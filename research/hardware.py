@@ -12,7 +12,6 @@ import os
 import platform
 import shutil
 import sysconfig
-import threading
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -132,7 +131,6 @@ def keep_freed_memory() -> None:
     M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # from glibc's malloc.h
     libc.mallopt(M_MMAP_MAX, 0)  # big buffers come from the heap, where freed ones are reused
     libc.mallopt(M_TRIM_THRESHOLD, -1)  # and the heap's free top is never handed back (-1: trimming off)
-    FREED_MEMORY_KEPT.set()
 
 
 def release_free_memory() -> None:
@@ -151,9 +149,6 @@ def glibc():
     except (OSError, AttributeError):
         return None
     return libc
-
-
-FREED_MEMORY_KEPT = threading.Event()  # set once keep_freed_memory() has run: the setting lasts as long as the process
 
 
 def autocast_dtype(precision: str) -> torch.dtype | None:
