@@ -268,8 +268,6 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: DictConfig, space: 
             finally:
                 if client is not None:
                     hooks[0].close()  # a pruned or failed run keeps the metrics logged up to its last step
-        if math.isfinite(test_loss):
-            trial.set_user_attr(TEST_LOSS_ATTR, test_loss)  # for the evaluation stage's report; no ranking reads it
         if not math.isfinite(value):
             state, value, reason = TrialState.FAIL, None, f"final val loss is {value}"
     except optuna.TrialPruned as pruned:
@@ -279,7 +277,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: DictConfig, space: 
         raise
     except Exception as err:  # NaN loss, out of memory, a bad config: this trial fails, the study goes on
         state, value, reason = TrialState.FAIL, None, f"{type(err).__name__}: {err}"
-    finish_trial(study, trial, client, run_id, state, value, reason, {STEPS_ATTR: report.steps})
+    attrs = {STEPS_ATTR: report.steps, **({TEST_LOSS_ATTR: test_loss} if math.isfinite(test_loss) else {})}  # the test loss: for the evaluation report only
+    finish_trial(study, trial, client, run_id, state, value, reason, attrs)
     console.print(f"trial {trial.number}: [bold]{state.name}[/]" + (f" val loss {value:.4f}" if value is not None else "") + (f" ({reason})" if reason else ""))
 
 

@@ -15,7 +15,7 @@ from optuna.trial import TrialState
 from rich.console import Console
 
 from conftest import REPO, TINY
-from research import registry
+from research import registry, sweep
 from research.names import END_REASON, SWEEP_STATE
 from research.sweep import CHILD_RUN_ATTR, STEPS_ATTR, WORKER_LOST, active_space, open_storage, run_trial, stale_trial_callback
 from research.tracking_store import connect
@@ -24,7 +24,7 @@ from test_sweep import empty_store  # noqa: F401 (a fixture: a migrated MLflow s
 GRACE_S = 1
 
 
-def test_a_stale_trials_run_is_ended_once_by_the_worker_that_failed_it(tmp_path, token_cache, empty_store):  # noqa: F811
+def test_a_stale_trials_run_is_ended_once_by_the_worker_that_failed_it(tmp_path, token_cache, empty_store, monkeypatch):  # noqa: F811
     shutil.copy(empty_store, tmp_path / "mlflow.db")
     client = connect(f"sqlite:///{tmp_path / 'mlflow.db'}")
     cfg = registry.build("lr_sweep", {**TINY, "train.max_steps": 40, "train.eval_every": 20, "train.eval_batches": 1, "train.sample_tokens": 0,
@@ -46,6 +46,15 @@ def test_a_stale_trials_run_is_ended_once_by_the_worker_that_failed_it(tmp_path,
             if other.trials[0].state == TrialState.FAIL:
                 failed_at.append(client.get_run(other.trials[0].user_attrs[CHILD_RUN_ATTR]).info)
 
+    real_train = sweep.train
+
+    def train_once_failed(*args, **kwargs):  # the silent worker trains only once the other one has failed its trial:
+        deadline = time.monotonic() + 120  # on fast cores a tiny trial would end before its heartbeat goes stale
+        while not failed_at and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return real_train(*args, **kwargs)
+
+    monkeypatch.setattr(sweep, "train", train_once_failed)
     watcher = threading.Thread(target=other_worker)
     watcher.start()
     try:
@@ -61,5 +70,5 @@ def test_a_stale_trials_run_is_ended_once_by_the_worker_that_failed_it(tmp_path,
     assert run.info.end_time == ended.end_time and run.info.status == "FAILED"  # ... and the silent worker did not end it again
     assert run.data.tags[SWEEP_STATE] == "FAIL" and run.data.tags[END_REASON] == WORKER_LOST
     trials = study.get_trials()
-    assert trials[0].state == TrialState.FAIL and STEPS_ATTR not in trials[0].user_attrs  # nothing was written to the failed trial
+    assert trials[0].state == TrialState.FAIL and STEPS_ATTR not in trials[0].user_attrs and "test_loss" not in trials[0].user_attrs  # nothing written to it
     assert [t.state for t in trials[1:]] == [TrialState.WAITING]  # queued again by the worker that failed it
