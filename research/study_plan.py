@@ -24,7 +24,7 @@ import math
 import statistics
 from dataclasses import dataclass, field
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from optuna.trial import FrozenTrial, TrialState
 
 STAGE_ATTR = "stage"  # trial user attr: default | search | grid | confirm | evaluate
@@ -43,6 +43,11 @@ def config_key(params: dict) -> tuple:
 def trial_params(trial: FrozenTrial) -> dict:
     """A trial's parameters, or, while it waits in the queue, the ones it was queued with."""
     return trial.params or dict(trial.system_attrs.get("fixed_params", {}))
+
+
+def default_params(cfg: DictConfig, space: dict) -> dict:
+    """The recipe's own values of the searched keys: the default configuration, the reference of every comparison."""
+    return {key: OmegaConf.select(cfg, key) for key in space}
 
 
 def confirm_seeds(cfg: DictConfig) -> list[int]:

@@ -28,7 +28,7 @@ import warnings
 import optuna
 from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from optuna.exceptions import DuplicatedStudyError, ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.storages._heartbeat import get_heartbeat_thread
@@ -43,7 +43,7 @@ from research.run_naming import start_run, trial_run_name
 from research.run_params import SWEEP_SECTIONS, TAG_CHARS, params_and_tags
 from research.store_url import parse
 from research.study_storage import open_storage, storage_url
-from research.study_plan import SEARCHED, SEED_ATTR, STAGE_ATTR, STEPS_ATTR, TEST_LOSS_ATTR, duplicate_of, grid_seeds, plan
+from research.study_plan import SEARCHED, SEED_ATTR, STAGE_ATTR, STEPS_ATTR, TEST_LOSS_ATTR, default_params, duplicate_of, grid_seeds, plan
 from research.sweep_report import summarise
 from research.tracking import MLflowHook
 from research.tracking_store import connect, tracking_uri
@@ -104,11 +104,6 @@ def active_space(cfg: DictConfig, space: dict[str, spaces.Dimension]) -> dict[st
     if cfg.sweep.sampler == "grid":
         return {key: dim for key, dim in space.items() if dim.grid}
     return space
-
-
-def default_params(cfg: DictConfig, space: dict[str, spaces.Dimension]) -> dict:
-    """The recipe's own values of the searched keys: the default configuration, the reference of every comparison."""
-    return {key: OmegaConf.select(cfg, key) for key in space}
 
 
 def check_search_space(cfg: DictConfig, space: dict[str, spaces.Dimension]) -> None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import optuna
 from mlflow.entities import Metric, RunTag
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from optuna.trial import FrozenTrial, TrialState
 
 from research.config import flatten, resolve_path
@@ -31,7 +31,7 @@ from research.names import END_REASON
 from research.paired import Paired
 from research.search_space import describe
 from research.study_plan import (
-    SEED_ATTR, STAGE_ATTR, STEPS_ATTR, TEST_LOSS_ATTR, Configuration, candidates, choice_seeds, choose, configurations, eval_seeds,
+    SEED_ATTR, STAGE_ATTR, STEPS_ATTR, TEST_LOSS_ATTR, Configuration, candidates, choice_seeds, choose, configurations, default_params, eval_seeds,
     score, total_steps,
 )
 
@@ -70,7 +70,7 @@ def summarise(study, cfg: DictConfig, recipe_cfg: DictConfig, space: dict, stora
     """The answer, how it was chosen, and its paired comparison with the default at the evaluation seeds:
     printed, written to <out_dir>/sweeps/<study>/ (and sweep.report_dir) with Optuna's plots, and logged to the parent run."""
     trials = study.get_trials(deepcopy=False)
-    configs = configurations(trials, {key: OmegaConf.select(cfg, key) for key in space})
+    configs = configurations(trials, default_params(cfg, space))
     answer, default = choose(configs, cfg), next((c for c in configs if c.is_default), None)
     paired = Paired(answer.test(eval_seeds(cfg)), default.test(eval_seeds(cfg))) if answer and default else None
     steps, importances = total_steps(trials), param_importances(study)
