@@ -98,8 +98,11 @@ def reproduce(run_id: str, overrides: dict[str, str] | None = None, allow_data_c
 
 def check_overrides(verb: str, overrides: dict[str, str]) -> dict[str, str]:
     """The overrides, if every key is one a resume or reproduction accepts; any other key is refused in one line."""
-    accepted = MACHINE_KEYS + BOOKKEEPING_KEYS + HARDWARE_KEYS
+    accepted = tuple(key for key in MACHINE_KEYS + BOOKKEEPING_KEYS + HARDWARE_KEYS if key != "train.resume_from")
     for key in overrides:
+        if key == "train.resume_from":  # the starting point is the run's own newest checkpoint, or step 0 for a reproduction
+            raise UserError(f"{verb}=<run_id> chooses its own checkpoint, so it refuses 'train.resume_from'; to start from a given checkpoint file, "
+                            "start a new run: python run.py exp=NAME train.resume_from=PATH")
         if key not in accepted:
             why = ("to train longer, start a new run with a larger train.max_steps (the learning-rate schedule depends on it)"
                    if key == "train.max_steps" else "for a variant, start a new run: python run.py exp=NAME key=value")

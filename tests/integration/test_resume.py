@@ -224,6 +224,8 @@ def test_finished_unknown_refused_and_unreachable_runs_are_one_line(root, refere
         ([f"reproduce={no_config}", f"out_dir={out}"], "has no config.yaml artifact"),
         ([f"resume={run_id}", f"out_dir={out}", "train.lr=0.1"], "refuses 'train.lr'"),
         ([f"resume={run_id}", f"out_dir={out}", "train.max_steps=32"], "to train longer, start a new run"),
+        ([f"resume={run_id}", f"out_dir={out}", "train.resume_from=/tmp/step_00000004.pt"], "chooses its own checkpoint"),
+        ([f"reproduce={run_id}", f"out_dir={out}", "train.resume_from=/tmp/step_00000004.pt"], "chooses its own checkpoint"),
         ([f"resume={run_id}", f"out_dir={root / 'elsewhere'}"], "no MLflow store at"),
     ]:
         with pytest.raises(UserError, match=message) as err:
