@@ -14,7 +14,6 @@ labels are input_ids shifted by one and loss_mask is 1.0 where the loss counts.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 import tempfile
 import time
@@ -25,7 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from research.corpus import ReadStats, resolve_shards, sample_texts
+from research.corpus import ReadStats, resolve_shards, sample_texts, total_size
 from research.errors import UserError
 from research.progress import WorkProgress, format_seconds
 from research.token_cache import TokenCache, clean_stale_temps, env_var, open_token_cache, temp_prefix
@@ -219,26 +218,21 @@ def build_datasets(data_cfg, tokenizer) -> tuple[Dataset, Dataset, Dataset | Non
 
 
 def train_tokenizer_on_corpus(path: Any, out_dir: str | Path, vocab_size: int = 6400, sample_bytes: int = TOKENIZER_SAMPLE_BYTES,
-                              text_key: str = "text", skip_bad_lines: bool = False, workers: int = 0):
-    """Train the byte-level BPE on a bounded sample of a data.path spec (see corpus.sample_texts) and save it to out_dir.
+                              text_key: str = "text", skip_bad_lines: bool = False, workers: int = 0, seed: int = 0):
+    """Train the byte-level BPE on a random sample of a data.path spec (see corpus.sample_texts) and save it to out_dir.
 
     The BPE trainer uses every core unless workers=1 (it parallelises itself when TOKENIZERS_PARALLELISM
-    is not false). Prints progress while reading the sample and a summary line; returns the tokenizer.
+    is not false). Prints progress while sampling and a summary line; returns the tokenizer.
     """
     shards, stats, start = resolve_shards(path), ReadStats(), time.time()
-
-    def texts():
-        taken = 0
-        with WorkProgress("reading the tokenizer sample", sample_bytes, "documents") as progress:
-            for text in sample_texts(shards, sample_bytes, text_key, skip_bad_lines, stats):
-                taken += len(text.encode("utf-8"))
-                progress.update(taken, stats.documents)
-                yield text
-        print(f"sampled {taken / 1e6:,.1f} MB ({stats.documents:,} documents from {len(shards)} shard(s)); learning {vocab_size:,} tokens ...", flush=True)
-
+    with WorkProgress("sampling the corpus", total_size(shards), "documents") as progress:
+        sample = sample_texts(shards, sample_bytes, text_key, skip_bad_lines, stats, seed, progress.update)
+    taken = sum(len(text.encode("utf-8")) for text in sample)
+    print(f"sampled {taken / 1e6:,.1f} MB ({len(sample):,} of {stats.documents:,} documents from {len(shards)} shard(s), seed {seed}); "
+          f"learning {vocab_size:,} tokens ...", flush=True)
     with env_var("TOKENIZERS_PARALLELISM", "false" if workers == 1 else "true"):
-        tokenizer = train_tokenizer(texts(), out_dir, vocab_size)
-    ratio = tokens_per_char(tokenizer, itertools.islice(sample_texts(shards, 2_000_000, text_key, skip_bad_lines), 2000))
+        tokenizer = train_tokenizer(sample, out_dir, vocab_size)
+    ratio = tokens_per_char(tokenizer, sample[:2000])
     print(f"saved {out_dir}: vocab {len(tokenizer):,}, {ratio:.3f} tokens per character, trained in {format_seconds(time.time() - start)}, "
           f"digest {tokenizer_digest(tokenizer)}; train on it with data.tokenizer={out_dir}", flush=True)
     return tokenizer
