@@ -1,6 +1,6 @@
-"""From a JSONL corpus to reproducible training batches.
+"""From a corpus to reproducible training batches.
 
-    shards (.jsonl / .jsonl.gz, see corpus.py)  ->  token cache (token_cache.py: memmap, built once, in parallel)
+    shards (.jsonl / .jsonl.gz / .parquet, see corpus.py)  ->  token cache (token_cache.py: memmap, built once, in parallel)
         ->  fixed train/val/test split by document  ->  Packed or Padded dataset
         ->  BatchSampler (seeded, resumable, rank-sliced) / eval_batches
 
@@ -17,7 +17,7 @@ import hashlib
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -120,6 +120,10 @@ class PackedDataset:
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.get_batch([i]).items()}
 
+    def row_tokens(self, i: int) -> int:
+        """Target tokens of item i: a full window."""
+        return self.seq_len
+
 
 class PaddedDataset:
     """One document per row, as minimind's PretrainDataset: truncated or padded, never mixed with another.
@@ -150,6 +154,10 @@ class PaddedDataset:
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.get_batch([i]).items()}
 
+    def row_tokens(self, i: int) -> int:
+        """Target tokens of item i: its document's tokens after the first, up to seq_len."""
+        return int(min(self.ends[i] - self.starts[i], self.seq_len + 1)) - 1
+
 
 # -----------------------------------------------------------------------------
 # from config to datasets
@@ -174,6 +182,7 @@ class DataInfo:
     val_items: int
     skipped_lines: int
     vocab_size: int  # len(tokenizer); the model's vocab_size must be at least this
+    sources: list[dict[str, Any]] = field(default_factory=list)  # a mixture's sources: name, weight, train_tokens (research/mixture.py)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -286,6 +295,8 @@ class BatchSampler:
         return {"epoch": self.epoch, "cursor": self.cursor}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if "sources" in state:
+            raise UserError(f"the checkpoint's data position is for the mixture {sorted(state['sources'])}; resume with the data.sources the run was started with")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self._order = self._permutation(self.epoch)
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from research.data import BatchSampler
+from research.mixture import MixtureSampler
 
 
 @dataclass
@@ -23,7 +24,7 @@ class TrainState:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    sampler: BatchSampler  # the data position
+    sampler: BatchSampler | MixtureSampler  # the data position (each source's, in a mixture)
     step: int = 0  # optimizer steps taken
     tokens_seen: int = 0  # training tokens consumed, all ranks
 
