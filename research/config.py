@@ -146,6 +146,7 @@ class BenchConfig:
     data_mb: int = 1000  # exp=bench_data: MB of JSONL in the generated corpus
     data_shards: int = 20  # exp=bench_data: gzip shards it is written as
     data_reference: bool = True  # exp=bench_data: also time a one-thread tokenizer(batch) pass (as slow as a one-worker build)
+    data_formats: list[str] = field(default_factory=lambda: ["jsonl", "parquet"])  # exp=bench_data: the same documents as gzip JSONL shards and/or parquet shards
 
 
 @dataclass
@@ -294,6 +295,8 @@ def validate(cfg: DictConfig) -> None:
         (isinstance(d.path, str) or (isinstance(d.path, Sequence) and all(isinstance(p, str) for p in d.path)),
          f"data.path must be a path, a glob or a list of them, got {d.path!r}"),
         (cfg.bench.steps > 0 and cfg.bench.warmup_steps >= 0, "bench.steps must be > 0 and bench.warmup_steps >= 0"),
+        (len(cfg.bench.data_formats) > 0 and all(f in ("jsonl", "parquet") for f in cfg.bench.data_formats),
+         f"bench.data_formats takes jsonl and/or parquet, got {list(cfg.bench.data_formats)}"),
         (all(kind in ("spinners", "training") for kind in cfg.bench.load), f"bench.load takes spinners and/or training, got {list(cfg.bench.load)}"),
         (cfg.sweep.objective in ("loss", "bpb"), f"sweep.objective must be loss or bpb, got '{cfg.sweep.objective}'"),
         (cfg.sweep.pruner in ("hyperband", "median", "none"), f"sweep.pruner must be hyperband, median or none, got '{cfg.sweep.pruner}'"),

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from research.corpus import data_digest
 from research.data import BatchSampler, DataInfo, Dataset, build_datasets
 from research.errors import UserError
 
@@ -54,12 +55,30 @@ def combined_info(sources: list[Source]) -> DataInfo:
     if len(sources) == 1 and not sources[0].name:
         return sources[0].info
     infos = [s.info for s in sources]
-    identity = "\n".join(f"{s.name}:{s.weight!r}:{s.info.data_digest}" for s in sources)
     summed = {key: sum(getattr(i, key) for i in infos) for key in ("n_docs", "n_train_docs", "n_val_docs", "n_test_docs", "train_tokens",
                                                                   "val_tokens", "test_tokens", "train_items", "val_items", "skipped_lines")}
-    return DataInfo(data_digest=hashlib.sha256(identity.encode()).hexdigest()[:16], tokenizer_digest=infos[0].tokenizer_digest,
+    return DataInfo(data_digest=mixture_digest([(s.name, s.weight, s.info.data_digest) for s in sources]), tokenizer_digest=infos[0].tokenizer_digest,
                     cache_path=", ".join(i.cache_path for i in infos), cache_hit=all(i.cache_hit for i in infos), vocab_size=infos[0].vocab_size,
                     sources=[{"name": s.name, "weight": s.weight, "train_tokens": s.info.train_tokens} for s in sources], **summed)
+
+
+def mixture_digest(parts: list[tuple[str, float, str]]) -> str:
+    """16 hex digits over each source's (name, normalized weight, data digest): another weight or source is other data."""
+    identity = "\n".join(f"{name}:{weight!r}:{digest}" for name, weight, digest in parts)
+    return hashlib.sha256(identity.encode()).hexdigest()[:16]
+
+
+def config_data_digest(data_cfg) -> str:
+    """The digest a run logs for its data (the tag data.digest), from the config alone: data.path's, or the mixture's."""
+    if not data_cfg.sources:
+        return data_digest(data_cfg.path)
+    total = sum(float(s.weight) for s in data_cfg.sources)
+    return mixture_digest([(s.name, float(s.weight) / total, data_digest(s.path)) for s in data_cfg.sources])
+
+
+def mixture_shares(sampler) -> dict[str, float]:
+    """{train/share/<name>: share of the training tokens drawn} of a mixture's sampler; {} for one source."""
+    return {f"train/share/{name}": share for name, share in sampler.shares().items()} if isinstance(sampler, MixtureSampler) else {}
 
 
 def make_sampler(sources: list[Source], batch_size: int, seed: int, rank: int = 0, world_size: int = 1):

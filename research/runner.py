@@ -92,7 +92,8 @@ def report(cfg: DictConfig, result: TrainResult) -> None:
                   + (f", test loss [bold]{result.final_test_loss:.3f}[/]" if math.isfinite(result.final_test_loss) else "")
                   + (f" ({final[TEST_BPB]:.4f} bits per byte)" if math.isfinite(final.get(TEST_BPB, math.nan)) else ""))
     for name in sorted({key.split("/", 2)[2] for key in final if key.count("/") == 2}):  # a mixture's sources
-        console.print(f"  source {name}: val loss {final.get(f'val/loss/{name}', math.nan):.3f}, {final.get(f'val/bpb/{name}', math.nan):.4f} bpb"
+        console.print(f"  source {name}: {final.get(f'train/share/{name}', math.nan):.2%} of training tokens, "
+                      f"val loss {final.get(f'val/loss/{name}', math.nan):.3f}, {final.get(f'val/bpb/{name}', math.nan):.4f} bpb"
                       + (f"; test loss {final[f'test/loss/{name}']:.3f}, {final[f'test/bpb/{name}']:.4f} bpb" if f"test/loss/{name}" in final else ""))
     for prompt, text in result.samples[:2]:
         console.print(f"[dim]sample:[/] {text[:300]!r}")

@@ -31,7 +31,7 @@ from research.hardware import cpu_has_fast_bf16, device_name, keep_freed_memory,
 from research.metrics import MetricLog
 from research.accounting import flops_per_token, num_params
 from research.model import MiniMindForCausalLM
-from research.mixture import source_lines
+from research.mixture import mixture_shares, source_lines
 from research.names import TEST_LOSS, TRAIN_LOSS, VAL_LOSS
 from research.sample import generate_samples
 from research.schedule import lr_at
@@ -152,7 +152,7 @@ def run_training(cfg: DictConfig, hooks: Sequence[Hooks], stop: StopSignal) -> T
         log.record_test(state.step, test)
     samples = generate_samples(state.model, run.tokenizer, list(t.samples), t.sample_tokens, cfg.seed, env.device) if env.is_main else []
     result = TrainResult(val[VAL_LOSS], test[TEST_LOSS], state.step, state.tokens_seen, time.perf_counter() - started, log.history, samples,
-                         state.model, run.tokenizer, checkpoints.last, derived, final_metrics={**val, **test})
+                         state.model, run.tokenizer, checkpoints.last, derived, final_metrics={**val, **test, **mixture_shares(state.sampler)})
     for hook in hooks:
         hook.on_end(result)
     del run  # the DDP reducer holds the process group: freeing it after the group is destroyed can deadlock gloo

@@ -76,6 +76,7 @@ def test_a_mixture_run_logs_each_source_and_resumes_bitwise(corpora, tmp_path, t
             assert math.isfinite(final[f"{split}/loss/{name}"]) and math.isfinite(final[f"{split}/bpb/{name}"])
         assert min(final[f"{split}/loss/eng"], final[f"{split}/loss/tang"]) <= final[f"{split}/loss"] <= max(final[f"{split}/loss/eng"], final[f"{split}/loss/tang"])
     assert dict(whole.curve("val/bpb/tang"))[3] > 0
+    assert final["train/share/eng"] == 0.75 and final["train/share/tang"] == 0.25  # 6 steps x 4 rows: 18 and 6 full windows
 
     resumed = train(tiny_cfg(**common, train__checkpoint_dir=str(tmp_path / "resumed"), train__resume_from=str(tmp_path / "whole" / "step_00000003.pt")))
     assert resumed.curve() == [(s, v) for s, v in whole.curve() if s > 3] and resumed.final_metrics == whole.final_metrics
