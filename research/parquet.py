@@ -11,10 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Iterator
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
-
 from research.errors import UserError
 
 SUFFIX = ".parquet"
@@ -25,8 +21,13 @@ def is_parquet(path: Path) -> bool:
     return path.name.endswith(SUFFIX)
 
 
-def open_parquet(path: Path) -> pq.ParquetFile:
-    """The file's reader (its footer read); an unreadable file is a one-line UserError naming it."""
+def open_parquet(path: Path):
+    """The file's pyarrow ParquetFile (its footer read); an unreadable file is a one-line UserError naming it.
+
+    pyarrow is imported here, on the first parquet file: a JSONL corpus never pays for it (0.4 s)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     try:
         return pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
@@ -56,6 +57,8 @@ def group_positions(path: Path, n_groups: int) -> list[int]:
 
 def row_group_documents(path: Path, group: int, first_row: int, text_key: str, skip_bad_lines: bool, stats: Any) -> Iterator[str]:
     """The texts of row group `group` (whose first row is `first_row`) of `path`; bad rows stop the read or are counted in `stats`."""
+    import pyarrow as pa
+
     try:
         column = open_parquet(path).read_row_group(group, columns=[text_key]).column(0)
     except (pa.ArrowException, OSError) as err:
@@ -82,7 +85,10 @@ def _bad(count: int, problem: str, skip_bad_lines: bool, stats: Any) -> None:
     stats.first_problem = stats.first_problem or problem
 
 
-def _utf8_bytes(column: pa.ChunkedArray) -> int:
+def _utf8_bytes(column) -> int:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     try:
         return int(pc.sum(pc.binary_length(column)).as_py() or 0)
     except pa.ArrowNotImplementedError:  # not a string column: it has no text bytes
