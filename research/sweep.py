@@ -43,7 +43,7 @@ from research.run_naming import start_run, trial_run_name
 from research.run_params import SWEEP_SECTIONS, TAG_CHARS, params_and_tags
 from research.store_url import parse
 from research.study_storage import open_storage, storage_url
-from research.study_plan import SEARCHED, SEED_ATTR, STAGE_ATTR, STEPS_ATTR, TEST_LOSS_ATTR, default_params, duplicate_of, grid_seeds, plan
+from research.study_plan import BPB_ATTRS, SEARCHED, SEED_ATTR, STAGE_ATTR, STEPS_ATTR, TEST_LOSS_ATTR, default_params, duplicate_of, grid_seeds, plan
 from research.sweep_report import summarise
 from research.tracking import MLflowHook
 from research.tracking_store import connect, tracking_uri
@@ -243,7 +243,7 @@ def trial_config(cfg: DictConfig, trial: optuna.Trial, space: dict[str, spaces.D
 def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: DictConfig, space: dict[str, spaces.Dimension], client, parent_run_id: str | None,
               console: Console) -> None:
     """Train one trial, logged as a child run while Optuna's heartbeat thread marks it alive; tell the study how it ended."""
-    state, value, reason, run_id, test_loss = TrialState.COMPLETE, None, "", None, math.nan
+    state, value, reason, run_id, test_loss, bpb = TrialState.COMPLETE, None, "", None, math.nan, {}
     report = ReportToTrial(trial, cfg.train.max_steps, cfg.sweep.objective)
     try:
         trial_cfg = trial_config(cfg, trial, space)
@@ -260,6 +260,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: DictConfig, space: 
                 result = train(trial_cfg, hooks)
                 final = result.final_metrics  # the objective's: val/loss and test/loss, or val/bpb and test/bpb
                 value, test_loss = final.get(f"val/{cfg.sweep.objective}", math.nan), final.get(f"test/{cfg.sweep.objective}", math.nan)
+                bpb = {attr: final[metric] for attr, metric in zip(BPB_ATTRS, (names.VAL_BPB, names.TEST_BPB)) if math.isfinite(final.get(metric, math.nan))}
                 del result  # and its model
             finally:
                 if client is not None:
@@ -273,7 +274,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: DictConfig, space: 
         raise
     except Exception as err:  # NaN loss, out of memory, a bad config: this trial fails, the study goes on
         state, value, reason = TrialState.FAIL, None, f"{type(err).__name__}: {err}"
-    attrs = {STEPS_ATTR: report.steps, **({TEST_LOSS_ATTR: test_loss} if math.isfinite(test_loss) else {})}  # the test loss: for the evaluation report only
+    attrs = {STEPS_ATTR: report.steps, **bpb, **({TEST_LOSS_ATTR: test_loss} if math.isfinite(test_loss) else {})}  # the test loss: for the evaluation report only
     finish_trial(study, trial, client, run_id, state, value, reason, attrs)
     console.print(f"trial {trial.number}: [bold]{state.name}[/]" + (f" val {cfg.sweep.objective} {value:.4f}" if value is not None else "") + (f" ({reason})" if reason else ""))
 

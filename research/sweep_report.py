@@ -31,7 +31,7 @@ from research.names import END_REASON
 from research.paired import Paired
 from research.search_space import describe
 from research.study_plan import (
-    SEED_ATTR, STAGE_ATTR, STEPS_ATTR, TEST_LOSS_ATTR, Configuration, candidates, choice_seeds, choose, configurations, default_params, eval_seeds,
+    BPB_ATTRS, SEED_ATTR, STAGE_ATTR, STEPS_ATTR, TEST_LOSS_ATTR, Configuration, candidates, choice_seeds, choose, configurations, default_params, eval_seeds,
     score, total_steps,
 )
 
@@ -85,7 +85,9 @@ def summarise(study, cfg: DictConfig, recipe_cfg: DictConfig, space: dict, stora
         paragraphs.append(f"parameter importance (fANOVA, search-seed validation {cfg.sweep.objective}): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
     tables = [t for t in (evaluation_table(answer, default, cfg), choice_table(configs, answer, cfg)) if t]
     shown = answer_trials(answer, cfg)
-    tables.append((["trial", "stage", "seed", *space, f"val {cfg.sweep.objective}", f"test {cfg.sweep.objective}", "steps", "state", "note"], [trial_row(t, space) for t in trials],
+    bpb_columns = ["val bpb", "test bpb"] if cfg.sweep.objective == "loss" else []  # with objective=bpb the val and test columns are bpb
+    tables.append((["trial", "stage", "seed", *space, f"val {cfg.sweep.objective}", f"test {cfg.sweep.objective}", *bpb_columns, "steps", "state", "note"],
+                   [trial_row(t, space, bool(bpb_columns)) for t in trials],
                    {i for i, t in enumerate(trials) if t.number in shown}))
     console.print("\n\n".join(paragraphs))
     write_report(study, f"Study {study.study_name}", paragraphs, tables, report_folders(cfg, study.study_name), client, parent_run_id, console)
@@ -148,12 +150,13 @@ def choice_table(configs: list[Configuration], answer: Configuration | None, cfg
     return header, rows, {shown.index(answer)} if answer in shown else set()
 
 
-def trial_row(trial: FrozenTrial, space: dict) -> list[str]:
+def trial_row(trial: FrozenTrial, space: dict, with_bpb: bool = False) -> list[str]:
     values = [f"{trial.params[k]:.4g}" if k in trial.params else "" for k in space]
     done = trial.value is not None and trial.state == TrialState.COMPLETE
     loss = f"{trial.value:.4f}" if done else ""
     test = f"{trial.user_attrs[TEST_LOSS_ATTR]:.4f}" if done and TEST_LOSS_ATTR in trial.user_attrs else ""
-    return [str(trial.number), trial.user_attrs.get(STAGE_ATTR, ""), str(trial.user_attrs.get(SEED_ATTR, "")), *values, loss, test,
+    bpb = [f"{trial.user_attrs[a]:.4f}" if done and a in trial.user_attrs else "" for a in BPB_ATTRS] if with_bpb else []
+    return [str(trial.number), trial.user_attrs.get(STAGE_ATTR, ""), str(trial.user_attrs.get(SEED_ATTR, "")), *values, loss, test, *bpb,
             str(trial.user_attrs.get(STEPS_ATTR, "")), trial.state.name, trial.user_attrs.get(END_REASON, "")]
 
 

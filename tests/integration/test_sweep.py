@@ -102,6 +102,7 @@ def test_study_logs_one_parent_and_a_child_per_trial_and_resumes_without_duplica
     for folder in (tmp_path / "results" / "sweeps" / STUDY, tmp_path / "committed"):  # the study's own folder, and sweep.report_dir
         summary = (folder / "summary.md").read_text()
         assert f"**answer**: train.lr={best.params['train.lr']:.4g}" in summary and f"\n| {best.number} | " in summary
+        assert "| val loss | test loss | val bpb | test bpb |" in summary and f"{best.user_attrs['val_bpb']:.4f}" in summary
         candidates = min(2, len(searched))
         assert summary.count("\n| ") == 2 + candidates + 4  # two headers, a row per candidate and one per trial
         assert (folder / "optimization_history.png").stat().st_size > 0
