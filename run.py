@@ -11,7 +11,7 @@
     python run.py compare A B [metric=test/loss]   # two sets of runs paired by seed: interval, verdict, differing keys [out=FILE.md]
     python run.py export run_id=<id> out=<dir>     # a run's model as a Llama folder (AutoModelForCausalLM)
     python run.py sample run_id=<id> prompt="..."  # generate from a run's model [temperature= top_k= max_new_tokens= seed= device=]
-    python run.py tokenizer data.path=<data> out=<dir>  # train a BPE tokenizer on a corpus sample [vocab_size= sample_bytes=]
+    python run.py tokenizer data.path=<data> out=<dir>  # train a BPE tokenizer on a corpus sample [vocab_size= sample_bytes= seed=]
     torchrun --nproc_per_node=N run.py exp=NAME    # data-parallel training (train.batch_size is per rank)
 
 Every command takes name=value arguments: its own options (above) and config keys (tracking.uri=,
@@ -232,12 +232,14 @@ def compare(args: list[str]) -> int:
 
 
 def tokenizer(args: list[str]) -> int:
-    """`tokenizer data.path=... out=DIR [vocab_size=6400] [sample_bytes=...]`: a tokenizer for your own corpus."""
+    """`tokenizer data.path=... out=DIR [vocab_size=6400] [sample_bytes=...] [seed=0]`: a tokenizer for your own corpus, on a random sample of it."""
     from research.data import TOKENIZER_SAMPLE_BYTES, train_tokenizer_on_corpus
 
-    options, overrides = parse("tokenizer", args, {"out": (str, REQUIRED), "vocab_size": (int, 6400), "sample_bytes": (int, TOKENIZER_SAMPLE_BYTES)})
+    options, overrides = parse("tokenizer", args, {"out": (str, REQUIRED), "vocab_size": (int, 6400), "sample_bytes": (int, TOKENIZER_SAMPLE_BYTES),
+                                                   "seed": (int, 0)})
     d = make_config(overrides).data
-    train_tokenizer_on_corpus(d.path, options["out"], options["vocab_size"], options["sample_bytes"], d.text_key, d.skip_bad_lines, d.workers)
+    train_tokenizer_on_corpus(d.path, options["out"], options["vocab_size"], options["sample_bytes"], d.text_key, d.skip_bad_lines, d.workers,
+                              options["seed"])
     return 0
 
 

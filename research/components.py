@@ -16,14 +16,15 @@ from omegaconf import DictConfig
 from research import distributed
 from research.checkpoint import load_checkpoint
 from research.config import resolve_path
-from research.data import BatchSampler, DataInfo, build_datasets
+from research.data import DataInfo
 from research.errors import UserError
 from research.hardware import autocast_dtype, resolve_compile, resolve_precision
 from research.accounting import num_params
+from research.mixture import build_sources, combined_info, make_sampler
 from research.model import MiniMindConfig, MiniMindForCausalLM, model_config
 from research.state import TrainState, seed_everything
 from research.step import SkippedSteps, StepRunner, build_optimizer
-from research.tokenizer import load_tokenizer
+from research.tokenizer import load_tokenizer, token_byte_lengths
 
 
 @dataclass
@@ -31,9 +32,10 @@ class Components:
     """The parts of one run, ready for its first (or resumed) step."""
 
     tokenizer: Any
-    train_ds: Any
-    val_ds: Any
-    test_ds: Any  # None without a test split
+    train_ds: Any  # the first source's (the benchmark times one source)
+    val_sets: dict[str, Any]  # validation set of each source ("" names data.path's)
+    test_sets: dict[str, Any]  # test set of each source; empty without a test split
+    token_bytes: torch.Tensor  # UTF-8 bytes of each token id, on the device: bits per byte (research/evaluate.py)
     data_info: DataInfo
     model_config: MiniMindConfig
     state: TrainState
@@ -57,8 +59,10 @@ def build(cfg: DictConfig, env: distributed.DistEnv) -> Components:
     if len(tokenizer) > cfg.model.vocab_size:
         raise UserError(f"tokenizer at {cfg.data.tokenizer} has {len(tokenizer)} tokens but model.vocab_size={cfg.model.vocab_size}; set model.vocab_size>={len(tokenizer)}")
     with distributed.rank_zero_first(env, "preparing the token cache"):  # rank 0 builds it (if needed), the others then read it
-        train_ds, val_ds, test_ds, data_info = build_datasets(cfg.data, tokenizer)
-    sampler = BatchSampler(train_ds, cfg.train.batch_size, seed=cfg.seed, rank=env.rank, world_size=env.world_size)
+        sources = build_sources(cfg.data, tokenizer)
+    sampler = make_sampler(sources, cfg.train.batch_size, seed=cfg.seed, rank=env.rank, world_size=env.world_size)
+    val_sets, test_sets = {s.name: s.val for s in sources}, {s.name: s.test for s in sources if s.test is not None}
+    token_bytes = torch.tensor(token_byte_lengths(tokenizer), dtype=torch.float32, device=env.device)
 
     seed_everything(cfg.seed)  # every rank starts from the same weights
     config = model_config(cfg.model, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
@@ -79,4 +83,5 @@ def build(cfg: DictConfig, env: distributed.DistEnv) -> Components:
     if env.is_distributed:
         forward_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[env.device.index] if env.device.type == "cuda" else None)
     step = StepRunner(state, forward_model, amp, cfg.train.grad_clip, env, SkippedSteps(cfg.train.max_skipped_steps), cfg.train.grad_accum)
-    return Components(tokenizer, train_ds, val_ds, test_ds, data_info, config, state, step, precision, amp, compiled)
+    return Components(tokenizer, sources[0].train, val_sets, test_sets, token_bytes, combined_info(sources), config, state, step, precision, amp,
+                      compiled)

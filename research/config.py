@@ -8,12 +8,13 @@ component takes only its own section (`DataConfig`, `ModelConfig`, ...).
 from __future__ import annotations
 
 import difflib
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from research.errors import UserError
@@ -22,9 +23,20 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 @dataclass
+class SourceConfig:
+    """One source of a mixture (data.sources): its shards, its share of the training tokens, the name its metrics are logged under."""
+
+    name: str = ""  # metrics val/loss/<name>, val/bpb/<name>; letters, digits, - _ .
+    path: Any = ""  # as data.path: a file, folder, glob or list of them
+    weight: float = 1.0  # share of training tokens (weights are normalized to sum to 1)
+    text_key: str = ""  # "" = data.text_key
+
+
+@dataclass
 class DataConfig:
-    path: Any = "data/shakespeare.jsonl.gz"  # .jsonl/.jsonl.gz file, folder of them, glob, or [list, of, these]; one {"text": ...} per line
-    text_key: str = "text"  # JSON field holding the document text
+    path: Any = "data/shakespeare.jsonl.gz"  # .jsonl/.jsonl.gz/.parquet file, folder of them (mixed), glob, or [list, of, these]; one {"text": ...} per line or a text column
+    sources: list[SourceConfig] = field(default_factory=list)  # a weighted mixture, e.g. [{name: web, path: a/, weight: 0.75}, ...]; replaces data.path; [] = data.path alone
+    text_key: str = "text"  # JSON field or parquet column holding the document text
     tokenizer: str = "data/tokenizer"  # folder loadable by AutoTokenizer.from_pretrained
     seq_len: int = 256  # tokens per training sequence (the model sees seq_len, predicts seq_len)
     packing: bool = True  # true: join documents with EOS into full windows; false: one padded document per row
@@ -111,6 +123,7 @@ class SweepConfig:
     heartbeat_s: int = 30  # a running trial marks itself alive this often
     grace_s: int = 300  # a running trial silent this long belongs to a dead worker: it is failed and queued again
     max_retries: int = 2  # times a dead worker's trial is queued again before it stays failed
+    objective: str = "loss"  # loss | bpb: the validation metric trials are pruned, ranked and chosen on, and the test metric of the evaluation stage
     report_dir: str = ""  # also write the study's report (summary.md, summary.html, plots) here, e.g. results/lr_sweep-sweep; "" = only <out_dir>/sweeps/<study>/ and the parent run
 
 
@@ -133,6 +146,7 @@ class BenchConfig:
     data_mb: int = 1000  # exp=bench_data: MB of JSONL in the generated corpus
     data_shards: int = 20  # exp=bench_data: gzip shards it is written as
     data_reference: bool = True  # exp=bench_data: also time a one-thread tokenizer(batch) pass (as slow as a one-worker build)
+    data_formats: list[str] = field(default_factory=lambda: ["jsonl", "parquet"])  # exp=bench_data: the same documents as gzip JSONL shards and/or parquet shards
 
 
 @dataclass
@@ -183,9 +197,9 @@ def apply_overrides(cfg: DictConfig, overrides: dict[str, Any] | list[str]) -> D
             raise UserError(_unknown_key_message(key))
         try:
             if isinstance(value, str):  # parsed as YAML ('3e-4', 'true', '[a, b]'); an empty value is the empty string, not null
-                OmegaConf.update(cfg, key, OmegaConf.from_dotlist([f"x={value}"]).x if value else "", merge=False)
-            else:
-                OmegaConf.update(cfg, key, value, merge=False)
+                value = OmegaConf.to_container(OmegaConf.from_dotlist([f"x={value}"]))["x"] if value else ""
+            # a list replaces the old one whole; merging it lets a list of dicts become data.sources' SourceConfigs
+            OmegaConf.update(cfg, key, value, merge=isinstance(value, (list, ListConfig)))
         except (ValidationError, ConfigKeyError, ConfigAttributeError, OmegaConfBaseException) as err:
             expected = type(OmegaConf.select(OmegaConf.structured(Config), key)).__name__
             raise UserError(f"bad value for '{key}': {value!r} is not a valid {expected} ({str(err).splitlines()[0]})") from None
@@ -281,7 +295,10 @@ def validate(cfg: DictConfig) -> None:
         (isinstance(d.path, str) or (isinstance(d.path, Sequence) and all(isinstance(p, str) for p in d.path)),
          f"data.path must be a path, a glob or a list of them, got {d.path!r}"),
         (cfg.bench.steps > 0 and cfg.bench.warmup_steps >= 0, "bench.steps must be > 0 and bench.warmup_steps >= 0"),
+        (len(cfg.bench.data_formats) > 0 and all(f in ("jsonl", "parquet") for f in cfg.bench.data_formats),
+         f"bench.data_formats takes jsonl and/or parquet, got {list(cfg.bench.data_formats)}"),
         (all(kind in ("spinners", "training") for kind in cfg.bench.load), f"bench.load takes spinners and/or training, got {list(cfg.bench.load)}"),
+        (cfg.sweep.objective in ("loss", "bpb"), f"sweep.objective must be loss or bpb, got '{cfg.sweep.objective}'"),
         (cfg.sweep.pruner in ("hyperband", "median", "none"), f"sweep.pruner must be hyperband, median or none, got '{cfg.sweep.pruner}'"),
         (cfg.sweep.sampler in ("tpe", "grid"), f"sweep.sampler must be tpe or grid, got '{cfg.sweep.sampler}'"),
         (cfg.sweep.choose_by in ("worst", "mean_plus_sd", "mean"), f"sweep.choose_by must be worst, mean_plus_sd or mean, got '{cfg.sweep.choose_by}'"),
@@ -293,8 +310,26 @@ def validate(cfg: DictConfig) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    validate_sources(d.sources)
     if t.precision == "fp16":
         import torch
 
         if t.device == "cpu" or not torch.cuda.is_available():
             raise UserError("train.precision=fp16 needs a CUDA device (its gradient scaler is CUDA-only); use bf16 or fp32 on CPU")
+
+
+SOURCE_HINT = "e.g. data.sources='[{name: web, path: data/web/, weight: 0.75}, {name: books, path: books.jsonl, weight: 0.25}]'"
+
+
+def validate_sources(sources: Sequence) -> None:
+    """Each source of a mixture has a metric-safe name of its own, a path and a positive weight."""
+    names = [s.name for s in sources]
+    for source in sources:
+        if not re.fullmatch(r"[A-Za-z0-9_.-]+", source.name or ""):
+            raise UserError(f"data.sources: name {source.name!r} must be letters, digits, '-', '_' or '.' (it names the metrics val/loss/<name>); {SOURCE_HINT}")
+        if not source.path:
+            raise UserError(f"data.sources: source '{source.name}' has no path; {SOURCE_HINT}")
+        if not source.weight > 0:
+            raise UserError(f"data.sources: source '{source.name}' has weight {source.weight}; weights must be > 0; {SOURCE_HINT}")
+    if len(set(names)) < len(names):
+        raise UserError(f"data.sources: names must differ, got {names}; {SOURCE_HINT}")

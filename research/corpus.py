@@ -1,9 +1,9 @@
-"""Reading a JSONL corpus: which shards `data.path` names, their documents, and their digest.
+"""Reading a corpus: which shards `data.path` names, their documents, and their digest.
 
-`data.path` is a spec: one file, a folder of `.jsonl` / `.jsonl.gz` shards, a glob, or a list of
-these. It always resolves to the same ordered list of shards (folders and globs sorted by name, a
-list in the order given), and every reader here works shard by shard, block by block, so memory
-never depends on the corpus size. No torch here: worker processes import this module cheaply.
+`data.path` is a spec: one file, a folder of `.jsonl` / `.jsonl.gz` / `.parquet` shards (mixed
+freely), a glob, or a list of these. It always resolves to the same ordered list of shards (folders and globs sorted by name, a
+list in the order given), and every reader here works shard by shard, unit by unit (a block of JSONL
+lines, a parquet row group: research/parquet.py), so memory never depends on the corpus size. No torch here: worker processes import this module cheaply.
 """
 
 from __future__ import annotations
@@ -11,21 +11,25 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
+import heapq
 import json
 import sys
 import zlib
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
+import numpy as np
+
+from research import parquet
 from research.config import REPO_ROOT, resolve_path
 from research.errors import UserError
 
-SHARD_SUFFIXES = (".jsonl", ".jsonl.gz")  # what a folder's shards are named; other files are skipped (and listed)
+SHARD_SUFFIXES = (".jsonl", ".jsonl.gz", parquet.SUFFIX)  # what a folder's shards are named; other files are skipped (and listed)
 BLOCK_BYTES = 4 << 20  # bytes of whole lines read at a time: the unit of work handed to a tokenizing worker
 SKIP_HINT = "or set data.skip_bad_lines=true to skip such lines"
-PATH_HINT = "set data.path to a .jsonl or .jsonl.gz file, a folder of them, a glob or a list"
+PATH_HINT = "set data.path to a .jsonl, .jsonl.gz or .parquet file, a folder of them, a glob or a list"
 _reported_skips: set[str] = set()  # folders whose skipped files were already listed (once per process)
 
 
@@ -64,17 +68,17 @@ def _shards_of(item: str) -> list[Path]:
 
 
 def _folder_shards(folder: Path) -> list[Path]:
-    """The .jsonl / .jsonl.gz files directly in `folder`, sorted by name; anything else is listed once on stderr."""
+    """The .jsonl / .jsonl.gz / .parquet files directly in `folder`, sorted by name; anything else is listed once on stderr."""
     entries = sorted(folder.iterdir())
     shards = [p for p in entries if p.is_file() and p.name.endswith(SHARD_SUFFIXES) and not p.name.startswith(".")]
     skipped = [p.name + ("/" if p.is_dir() else "") for p in entries if p not in shards]
     if not shards:
         found = f" (it holds only {', '.join(skipped[:5])}{', ...' if len(skipped) > 5 else ''})" if skipped else ""
-        raise UserError(f"data folder {folder} has no .jsonl or .jsonl.gz files{found}; {PATH_HINT}")
+        raise UserError(f"data folder {folder} has no .jsonl, .jsonl.gz or .parquet files{found}; {PATH_HINT}")
     if skipped and str(folder) not in _reported_skips:
         _reported_skips.add(str(folder))
         shown = ", ".join(skipped[:10]) + (f" and {len(skipped) - 10} more" if len(skipped) > 10 else "")
-        print(f"warning: data folder {folder}: skipped {len(skipped)} entries that are not .jsonl/.jsonl.gz: {shown}", file=sys.stderr, flush=True)
+        print(f"warning: data folder {folder}: skipped {len(skipped)} entries that are not .jsonl/.jsonl.gz/.parquet: {shown}", file=sys.stderr, flush=True)
     return shards
 
 
@@ -114,29 +118,52 @@ class ReadStats:
     """What a pass over a corpus saw; filled in by iter_documents as it goes."""
 
     documents: int = 0
-    skipped_lines: int = 0
+    skipped_lines: int = 0  # bad JSONL lines, or parquet rows whose text is null or not a string
     first_problem: str = ""  # the error the first skipped line would have raised
+    text_bytes: int = 0  # parquet: UTF-8 bytes of the text column read (JSONL counts the bytes of its blocks)
 
 
 def iter_documents(path: str | Path, text_key: str = "text", skip_bad_lines: bool = False, stats: ReadStats | None = None) -> Iterator[str]:
-    """The text of each line of one .jsonl or .jsonl.gz file (gzip is told by its magic bytes).
+    """The text of each document of one .jsonl or .jsonl.gz file (gzip is told by its magic bytes) or .parquet file.
 
-    Blank lines are ignored. A bad line (not UTF-8, not JSON, no `text_key`) stops the
-    read with a UserError naming file and line, or with skip_bad_lines is skipped and
-    counted in `stats`. A file without documents is a UserError.
+    Blank lines are ignored. A bad line (not UTF-8, not JSON, no `text_key`) or parquet row (null
+    or not a string) stops the read with a UserError naming file and line (row), or with
+    skip_bad_lines is skipped and counted in `stats`. A file without documents is a UserError.
     """
     path = resolve_path(str(path))
     stats = ReadStats() if stats is None else stats
-    for lineno, block, _ in read_blocks(path):
-        yield from block_documents(block, lineno, path, text_key, skip_bad_lines, stats)
+    for start, block, _ in read_units(path, text_key):
+        yield from unit_documents(path, start, block, text_key, skip_bad_lines, stats)
     if stats.documents == 0:
         raise UserError(no_documents_message(path, text_key, stats))
+
+
+def read_units(path: Path, text_key: str, block_bytes: int = BLOCK_BYTES) -> Iterator[tuple[int, bytes | int, int]]:
+    """The units of work of one shard: (start, block, bytes of the file read so far).
+
+    JSONL: start is the block's first line number and block about block_bytes of whole lines.
+    Parquet: start is the row group's first row and block the row group's number (an int),
+    read by whoever calls unit_documents, so that worker processes do the decoding.
+    """
+    if not parquet.is_parquet(path):
+        yield from read_blocks(path, block_bytes)
+        return
+    groups = parquet.row_groups(path, text_key)
+    for (group, first_row), position in zip(groups, parquet.group_positions(path, len(groups))):
+        yield first_row, group, position
+
+
+def unit_documents(path: Path, start: int, block: bytes | int, text_key: str, skip_bad_lines: bool, stats: ReadStats) -> Iterator[str]:
+    """The documents of one unit from read_units."""
+    if isinstance(block, int):
+        return parquet.row_group_documents(path, block, start, text_key, skip_bad_lines, stats)
+    return block_documents(block, start, path, text_key, skip_bad_lines, stats)
 
 
 def no_documents_message(where: Any, text_key: str, stats: ReadStats) -> str:
     if stats.skipped_lines:
         return f"{where} has no usable documents: all {stats.skipped_lines} non-blank lines were bad (first: {stats.first_problem})"
-    return f"{where} has no documents (it is empty or blank); point data.path at JSONL with one {{\"{text_key}\": ...}} per line"
+    return f"{where} has no documents (it is empty or blank); point data.path at JSONL with one {{\"{text_key}\": ...}} per line, or parquet with a '{text_key}' column"
 
 
 def block_documents(block: bytes, first_lineno: int, path: Path, text_key: str, skip_bad_lines: bool, stats: ReadStats) -> Iterator[str]:
@@ -207,34 +234,40 @@ def _parse_line(raw: bytes, lineno: int, path: Path, text_key: str) -> tuple[str
 
 
 # -----------------------------------------------------------------------------
-# a bounded sample, for training a tokenizer
+# a random sample bounded in bytes, for training a tokenizer
 
 
 def sample_texts(shards: list[Path], sample_bytes: int, text_key: str = "text", skip_bad_lines: bool = False,
-                 stats: ReadStats | None = None) -> Iterator[str]:
-    """About sample_bytes of UTF-8 text: the head of each shard, each shard's share in proportion to its file size.
+                 stats: ReadStats | None = None, seed: int = 0, progress: Callable[[int, int], None] | None = None) -> list[str]:
+    """At least sample_bytes of UTF-8 text (or the whole corpus) drawn at random from all of its documents, in random order.
 
-    Deterministic, and it reads no more than it keeps (plus one block per shard). A share a short
-    shard leaves unused passes on to the shards after it, so a corpus smaller than sample_bytes is
-    read whole.
+    Each document gets a random key from a generator seeded with (seed, shard number), and the
+    sample is the documents of smallest key whose bytes reach sample_bytes (a bottom-k sample:
+    uniform over the corpus, without replacement, the same for the same seed). Reads every shard
+    once and holds no more than the sample (plus one document); progress(bytes read, documents)
+    is called after each unit.
     """
     stats = ReadStats() if stats is None else stats
-    sizes = [shard.stat().st_size for shard in shards]
-    left, used = sum(sizes), 0
-    for shard, size in zip(shards, sizes):
-        budget, taken = (sample_bytes - used) * size / max(left, 1), 0
-        left -= size
-        for lineno, block, _ in read_blocks(shard):
-            for text in block_documents(block, lineno, shard, text_key, skip_bad_lines, stats):
-                taken += len(text.encode("utf-8"))
-                yield text
-                if taken >= budget:
-                    break
-            if taken >= budget:
-                break
-        used += taken
+    heap: list[tuple[float, int, str]] = []  # (-key, bytes, text): the largest key on top, where it is dropped first
+    kept, before = 0, 0
+    for number, shard in enumerate(shards):
+        rng = np.random.default_rng([seed, number])
+        for start, block, position in read_units(shard, text_key):
+            texts = list(unit_documents(shard, start, block, text_key, skip_bad_lines, stats))
+            for key, text in zip(rng.random(len(texts)).tolist(), texts):
+                if kept >= sample_bytes and -key <= heap[0][0]:
+                    continue
+                size = len(text.encode("utf-8"))
+                heapq.heappush(heap, (-key, size, text))
+                kept += size
+                while kept - heap[0][1] >= sample_bytes:
+                    kept -= heapq.heappop(heap)[1]
+            if progress:
+                progress(before + position, stats.documents)
+        before += shard.stat().st_size
     if stats.documents == 0:
         raise UserError(no_documents_message(shards[0] if len(shards) == 1 else describe([str(s) for s in shards]), text_key, stats))
+    return [text for _, _, text in sorted(heap, reverse=True)]
 
 
 def total_size(shards: Iterable[Path]) -> int:

@@ -1,6 +1,6 @@
-"""From a JSONL corpus to reproducible training batches.
+"""From a corpus to reproducible training batches.
 
-    shards (.jsonl / .jsonl.gz, see corpus.py)  ->  token cache (token_cache.py: memmap, built once, in parallel)
+    shards (.jsonl / .jsonl.gz / .parquet, see corpus.py)  ->  token cache (token_cache.py: memmap, built once, in parallel)
         ->  fixed train/val/test split by document  ->  Packed or Padded dataset
         ->  BatchSampler (seeded, resumable, rank-sliced) / eval_batches
 
@@ -14,18 +14,17 @@ labels are input_ids shifted by one and loss_mask is 1.0 where the loss counts.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import torch
 
-from research.corpus import ReadStats, resolve_shards, sample_texts
+from research.corpus import ReadStats, resolve_shards, sample_texts, total_size
 from research.errors import UserError
 from research.progress import WorkProgress, format_seconds
 from research.token_cache import TokenCache, clean_stale_temps, env_var, open_token_cache, temp_prefix
@@ -121,6 +120,10 @@ class PackedDataset:
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.get_batch([i]).items()}
 
+    def row_tokens(self, i: int) -> int:
+        """Target tokens of item i: a full window."""
+        return self.seq_len
+
 
 class PaddedDataset:
     """One document per row, as minimind's PretrainDataset: truncated or padded, never mixed with another.
@@ -151,6 +154,10 @@ class PaddedDataset:
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {k: v[0] for k, v in self.get_batch([i]).items()}
 
+    def row_tokens(self, i: int) -> int:
+        """Target tokens of item i: its document's tokens after the first, up to seq_len."""
+        return int(min(self.ends[i] - self.starts[i], self.seq_len + 1)) - 1
+
 
 # -----------------------------------------------------------------------------
 # from config to datasets
@@ -175,6 +182,7 @@ class DataInfo:
     val_items: int
     skipped_lines: int
     vocab_size: int  # len(tokenizer); the model's vocab_size must be at least this
+    sources: list[dict[str, Any]] = field(default_factory=list)  # a mixture's sources: name, weight, train_tokens (research/mixture.py)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -219,26 +227,21 @@ def build_datasets(data_cfg, tokenizer) -> tuple[Dataset, Dataset, Dataset | Non
 
 
 def train_tokenizer_on_corpus(path: Any, out_dir: str | Path, vocab_size: int = 6400, sample_bytes: int = TOKENIZER_SAMPLE_BYTES,
-                              text_key: str = "text", skip_bad_lines: bool = False, workers: int = 0):
-    """Train the byte-level BPE on a bounded sample of a data.path spec (see corpus.sample_texts) and save it to out_dir.
+                              text_key: str = "text", skip_bad_lines: bool = False, workers: int = 0, seed: int = 0):
+    """Train the byte-level BPE on a random sample of a data.path spec (see corpus.sample_texts) and save it to out_dir.
 
     The BPE trainer uses every core unless workers=1 (it parallelises itself when TOKENIZERS_PARALLELISM
-    is not false). Prints progress while reading the sample and a summary line; returns the tokenizer.
+    is not false). Prints progress while sampling and a summary line; returns the tokenizer.
     """
     shards, stats, start = resolve_shards(path), ReadStats(), time.time()
-
-    def texts():
-        taken = 0
-        with WorkProgress("reading the tokenizer sample", sample_bytes, "documents") as progress:
-            for text in sample_texts(shards, sample_bytes, text_key, skip_bad_lines, stats):
-                taken += len(text.encode("utf-8"))
-                progress.update(taken, stats.documents)
-                yield text
-        print(f"sampled {taken / 1e6:,.1f} MB ({stats.documents:,} documents from {len(shards)} shard(s)); learning {vocab_size:,} tokens ...", flush=True)
-
+    with WorkProgress("sampling the corpus", total_size(shards), "documents") as progress:
+        sample = sample_texts(shards, sample_bytes, text_key, skip_bad_lines, stats, seed, progress.update)
+    taken = sum(len(text.encode("utf-8")) for text in sample)
+    print(f"sampled {taken / 1e6:,.1f} MB ({len(sample):,} of {stats.documents:,} documents from {len(shards)} shard(s), seed {seed}); "
+          f"learning {vocab_size:,} tokens ...", flush=True)
     with env_var("TOKENIZERS_PARALLELISM", "false" if workers == 1 else "true"):
-        tokenizer = train_tokenizer(texts(), out_dir, vocab_size)
-    ratio = tokens_per_char(tokenizer, itertools.islice(sample_texts(shards, 2_000_000, text_key, skip_bad_lines), 2000))
+        tokenizer = train_tokenizer(sample, out_dir, vocab_size)
+    ratio = tokens_per_char(tokenizer, sample[:2000])
     print(f"saved {out_dir}: vocab {len(tokenizer):,}, {ratio:.3f} tokens per character, trained in {format_seconds(time.time() - start)}, "
           f"digest {tokenizer_digest(tokenizer)}; train on it with data.tokenizer={out_dir}", flush=True)
     return tokenizer
@@ -292,6 +295,8 @@ class BatchSampler:
         return {"epoch": self.epoch, "cursor": self.cursor}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        if "sources" in state:
+            raise UserError(f"the checkpoint's data position is for the mixture {sorted(state['sources'])}; resume with the data.sources the run was started with")
         self.epoch, self.cursor = int(state["epoch"]), int(state["cursor"])
         self._order = self._permutation(self.epoch)
 

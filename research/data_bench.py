@@ -1,7 +1,8 @@
 """How fast the token cache builds: a generated sharded corpus, one worker and every core, against a plain tokenizer pass.
 
-The corpus is shuffled copies of data/shakespeare.jsonl.gz's documents, written as gzip shards
-under the system temp folder (kept for the next run, never in the repo). Each measurement runs in
+The corpus is shuffled copies of data/shakespeare.jsonl.gz's documents, written as gzip JSONL shards
+and, document for document the same, as parquet shards (pyarrow's defaults, snappy, with row groups
+of PARQUET_ROW_GROUP documents), under the system temp folder (kept for the next run, never in the repo). Each measurement runs in
 its own process, with torch imported as in training, and is timed inside it; its peak memory is
 the largest process's maximum RSS (wait4) and the sum of RSS over its process tree, sampled.
 """
@@ -20,6 +21,8 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from rich.console import Console
 from rich.table import Table
 
@@ -30,6 +33,8 @@ from research.hardware import cpu_name
 from research.token_cache import resolve_workers
 
 SOURCE = REPO_ROOT / "data" / "shakespeare.jsonl.gz"
+PARQUET_ROW_GROUP = 5000  # documents per row group of the parquet shards: ~10 MB of text, a unit of work like a 4 MB JSONL block
+FORMAT_NAMES = {"jsonl": "JSONL", "parquet": "parquet"}
 
 MEASURE = r"""
 import json, os, resource, sys, time, itertools
@@ -59,26 +64,35 @@ print("RESULT " + json.dumps(result), flush=True)
 """
 
 
-def make_corpus(megabytes: int, shards: int, seed: int) -> tuple[Path, dict]:
-    """`shards` gzip shards holding about `megabytes` MB of JSONL in all; reused when already there."""
-    folder = Path(tempfile.gettempdir()) / "minilm-bench-data" / f"{megabytes}mb-{shards}shards-seed{seed}"
+def make_corpus(megabytes: int, shards: int, seed: int, fmt: str = "jsonl") -> tuple[Path, dict]:
+    """`shards` gzip JSONL (or parquet) shards holding about `megabytes` MB of JSONL in all; reused when already there.
+
+    The parquet shards hold the very documents of the JSONL shards, in the same order."""
+    folder = Path(tempfile.gettempdir()) / "minilm-bench-data" / f"{megabytes}mb-{shards}shards-seed{seed}{'-parquet' if fmt == 'parquet' else ''}"
     done = folder.with_suffix(".json")  # beside the shards, not among them
     if done.exists():
-        return folder, json.loads(done.read_text())
+        info = json.loads(done.read_text())
+        return folder, {**info, "file_bytes": info.get("file_bytes", info.get("gzip_bytes", 0))}  # gzip_bytes: corpora written before parquet
     folder.mkdir(parents=True, exist_ok=True)
-    lines = [(json.dumps({"text": t}) + "\n").encode() for t in iter_documents(SOURCE)]
+    texts = list(iter_documents(SOURCE))
+    lines = [(json.dumps({"text": t}) + "\n").encode() for t in texts]
     target, total, docs = megabytes * 1_000_000 / shards, 0, 0
     for i in range(shards):
-        rng, written = np.random.default_rng([seed, i]), 0
-        with gzip.open(folder / f"shard-{i:05d}.jsonl.gz", "wb", compresslevel=1) as f:
-            while written < target:
-                for j in rng.permutation(len(lines)):
-                    f.write(lines[j])
-                    written, docs = written + len(lines[j]), docs + 1
-                    if written >= target:
-                        break
-        total += written
-    info = {"jsonl_bytes": total, "documents": docs, "shards": shards, "gzip_bytes": sum(p.stat().st_size for p in folder.glob("*.gz"))}
+        rng, written, chosen = np.random.default_rng([seed, i]), 0, []
+        while written < target:
+            for j in rng.permutation(len(lines)):
+                chosen.append(j)
+                written += len(lines[j])
+                if written >= target:
+                    break
+        if fmt == "parquet":
+            pq.write_table(pa.table({"text": [texts[j] for j in chosen]}), folder / f"shard-{i:05d}.parquet", row_group_size=PARQUET_ROW_GROUP)
+        else:
+            with gzip.open(folder / f"shard-{i:05d}.jsonl.gz", "wb", compresslevel=1) as f:
+                f.writelines(lines[j] for j in chosen)
+        total, docs = total + written, docs + len(chosen)
+    info = {"jsonl_bytes": total, "documents": docs, "shards": shards, "format": fmt,
+            "file_bytes": sum(p.stat().st_size for p in folder.iterdir() if p.name.startswith("shard-"))}
     done.write_text(json.dumps(info))
     return folder, info
 
@@ -141,23 +155,27 @@ def _rss(pid: int) -> int:
 def run_data_bench(cfg) -> list[dict]:
     """Measure, print a table and write <bench.out>/data-<machine>.md."""
     console, cores = Console(), resolve_workers(cfg.data.workers)
-    corpus, info = make_corpus(cfg.bench.data_mb, cfg.bench.data_shards, cfg.seed)
-    console.print(f"corpus {corpus}: {info['shards']} shards, {info['jsonl_bytes'] / 1e6:,.0f} MB of JSONL ({info['gzip_bytes'] / 1e6:,.0f} MB gzipped), {info['documents']:,} documents")
+    corpora = {fmt: make_corpus(cfg.bench.data_mb, cfg.bench.data_shards, cfg.seed, fmt) for fmt in cfg.bench.data_formats}
+    for fmt, (corpus, info) in corpora.items():
+        console.print(f"corpus {corpus}: {info['shards']} {FORMAT_NAMES[fmt]} shards of {info['jsonl_bytes'] / 1e6:,.0f} MB of JSONL "
+                      f"({info['file_bytes'] / 1e6:,.0f} MB of files), {info['documents']:,} documents")
     load_before = os.getloadavg()
     rows = []
-    plan = [("tokenizer(batch), 1 thread", "reference", 1)] if cfg.bench.data_reference else []
-    plan += [(f"cache build, {w} worker(s)", "build", w) for w in sorted({1, cores})]
-    for label, mode, workers in plan:
+    first = next(iter(corpora))
+    plan = [(first, "tokenizer(batch), 1 thread", "reference", 1)] if cfg.bench.data_reference else []
+    plan += [(fmt, f"{FORMAT_NAMES[fmt]}: cache build, {w} worker(s)", "build", w) for fmt in corpora for w in sorted({1, cores})]
+    for fmt, label, mode, workers in plan:
         console.print(f"[bold]{label}[/]")
-        rows.append({"label": label, "mode": mode, "workers": workers, **measure(mode, corpus, cfg.data.tokenizer, workers, console)})
-    one = next(r for r in rows if r["mode"] == "build")
+        rows.append({"label": label, "format": fmt, "mode": mode, "workers": workers, **measure(mode, corpora[fmt][0], cfg.data.tokenizer, workers, console)})
     reference = rows[0] if cfg.bench.data_reference else None
+    info = corpora[first][1]
     for row in rows:
+        one = next(r for r in rows if r["mode"] == "build" and r["format"] == row["format"])
         row["mb_s"] = info["jsonl_bytes"] / 1e6 / row["seconds"]
         row["tokens_s"] = row["tokens"] / row["seconds"]
         row["vs_one"] = one["seconds"] / row["seconds"]
         row["vs_reference"] = reference["seconds"] / row["seconds"] if reference else float("nan")
-    section = render(rows, info, load_before, os.getloadavg())
+    section = render(rows, {fmt: i for fmt, (_, i) in corpora.items()}, load_before, os.getloadavg())
     Console(width=max(console.width, 150)).print(table(rows))
     out = resolve_path(cfg.bench.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -182,29 +200,45 @@ def table(rows: list[dict]) -> Table:
     return out
 
 
-def render(rows: list[dict], info: dict, load_before, load_after) -> str:
-    """One report section: the corpus, how it was measured, the table."""
+def render(rows: list[dict], infos: dict[str, dict], load_before, load_after) -> str:
+    """One report section: the corpus in each format, how it was measured, the table, and parquet's time against JSONL's."""
+    info = next(iter(infos.values()))
+    formats = " and ".join(f"{i['shards']} {'gzip JSONL' if fmt == 'jsonl' else 'parquet'} shards ({i['file_bytes'] / 1e6:,.0f} MB of files)" for fmt, i in infos.items())
     lines = [
-        f"## {info['jsonl_bytes'] / 1e6:,.0f} MB of JSONL in {info['shards']} gzip shards", "",
-        f"Measured {date.today()} by `python run.py exp=bench_data bench.data_mb={info['jsonl_bytes'] // 1_000_000} bench.data_shards={info['shards']}` "
-        f"({info['documents']:,} documents, shuffled copies of data/shakespeare.jsonl.gz, {info['gzip_bytes'] / 1e6:,.0f} MB gzipped). "
-        f"Load average (1 min) {load_before[0]:.2f} before and {load_after[0]:.2f} after.", "",
+        section_title(info["jsonl_bytes"], info["shards"], list(infos)), "",
+        f"Measured {date.today()} by `python run.py exp=bench_data bench.data_mb={info['jsonl_bytes'] // 1_000_000} bench.data_shards={info['shards']} "
+        f"bench.data_formats=[{','.join(infos)}]` ({info['documents']:,} documents, shuffled copies of data/shakespeare.jsonl.gz, as {formats}; "
+        f"parquet row groups of {PARQUET_ROW_GROUP:,} documents). Load average (1 min) {load_before[0]:.2f} before and {load_after[0]:.2f} after.", "",
         "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS),
     ]
     lines += ["| " + " | ".join(cells(row)) + " |" for row in rows]
+    builds = {(r["format"], r["workers"]): r["seconds"] for r in rows if r["mode"] == "build"}
+    ratios = [f"{builds[('parquet', w)] / builds[('jsonl', w)]:.2f} with {w} worker(s)" for f, w in builds if f == "jsonl" and ("parquet", w) in builds]
+    if ratios:
+        lines += ["", "Parquet build time / JSONL build time, the same text: " + ", ".join(ratios) + "."]
     return "\n".join(lines) + "\n"
+
+
+def section_title(jsonl_bytes: int, shards: int, formats: list[str]) -> str:
+    title = f"## {jsonl_bytes / 1e6:,.0f} MB of JSONL in {shards} gzip shards"
+    if formats == ["jsonl"]:
+        return title
+    if formats == ["parquet"]:
+        return f"## {jsonl_bytes / 1e6:,.0f} MB of JSONL as {shards} parquet shards"
+    return title + ", and as parquet"
 
 
 def write_report(path: Path, section: str, cores: int) -> None:
     """Add or replace this corpus size's section of the report, keeping the others."""
     title = section.splitlines()[0]
     old = path.read_text().split("\n## ")[1:] if path.exists() else []
-    sections = ["## " + s.rstrip("\n") + "\n" for s in old if not ("## " + s).startswith(title + "\n")] + [section]
+    sections = ["## " + s.rstrip("\n") + "\n" for s in old if not ("## " + s).startswith((title + "\n", title.removesuffix(", and as parquet") + "\n"))] + [section]
     header = (
         f"# Token cache build on {cpu_name()}, {cores} cores\n\n"
         "Each row ran in its own process, with torch imported as in training. `tokenizer(batch)` is the transformers call on "
         "batches of 256 texts already in memory (reading not timed), on one thread; a cache build reads, decompresses, parses "
-        "and tokenizes the shards and writes the cache. CPU seconds: of the timed calls (the tokenizer pass), or of the build "
+        "and tokenizes the shards (a parquet build: reads and decodes the row groups' text column) and writes the cache. MB/s of JSONL: "
+        "the size of the text as JSONL over the seconds, for parquet rows too (the same text). CPU seconds: of the timed calls (the tokenizer pass), or of the build "
         "process and its workers (a build); their ratio to seconds shows how much CPU a row got on a machine shared with other "
         "work. Peak RSS: the largest single process (start-up included), and the sum over the process tree, sampled every 0.2 s.\n"
     )

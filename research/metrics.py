@@ -121,17 +121,17 @@ class MetricLog:
             status = f"loss {losses[-1]:.3f}  lr {rows[-1][1][TRAIN_LR]:.2e}  {tokens_per_sec:,.0f} tok/s"
             self.progress.update(self.task, completed=step, status=status + (f"  val {self.val_loss:.3f}" if math.isfinite(self.val_loss) else ""))
 
-    def record_test(self, step: int, test_loss: float) -> None:
-        """The test loss at the end: into the history and to the hooks' metrics, never to `on_eval` (nothing selects or prunes on it)."""
-        row = {TEST_LOSS: test_loss, TEST_PERPLEXITY: math.exp(min(test_loss, 50.0))}
+    def record_test(self, step: int, metrics: dict[str, float]) -> None:
+        """The test metrics at the end: into the history and to the hooks' metrics, never to `on_eval` (nothing selects or prunes on it)."""
+        row = {**metrics, TEST_PERPLEXITY: math.exp(min(metrics[TEST_LOSS], 50.0))}
         self.history.append((step, row))
         for hook in self.hooks:
             hook.on_metrics([(step, row)])
 
-    def record_eval(self, step: int, val_loss: float) -> None:
-        """A validation loss: into the history, to the hooks (which may stop the run: a pruned trial), and the clock restarts."""
-        self.val_loss = val_loss
-        row = {VAL_LOSS: val_loss, VAL_PERPLEXITY: math.exp(min(val_loss, 50.0))}
+    def record_eval(self, step: int, metrics: dict[str, float]) -> None:
+        """Validation metrics (val/loss, val/bpb, ...): into the history, to the hooks (which may stop the run: a pruned trial), and the clock restarts."""
+        self.val_loss = metrics[VAL_LOSS]
+        row = {VAL_LOSS: self.val_loss, VAL_PERPLEXITY: math.exp(min(self.val_loss, 50.0)), **metrics}
         self.history.append((step, row))
         for hook in self.hooks:
             hook.on_metrics([(step, row)])

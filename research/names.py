@@ -46,9 +46,12 @@ TRAIN_LR = "train/lr"
 TRAIN_GRAD_NORM = "train/grad_norm"
 VAL_LOSS = "val/loss"
 VAL_PERPLEXITY = "val/perplexity"
+VAL_BPB = "val/bpb"  # bits per UTF-8 byte of the validation targets: comparable across tokenizers (research/evaluate.py)
 FINAL_VAL_LOSS = "final/val_loss"
 TEST_LOSS = "test/loss"  # once, at the end, on data.test_fraction's documents: no selection reads it
 TEST_PERPLEXITY = "test/perplexity"
+TEST_BPB = "test/bpb"
+FINAL_VAL_BPB = "final/val_bpb"
 
 # ---- artifacts ----
 CONFIG_ARTIFACT = "config.yaml"  # the whole resolved config: what resume and reproduce start from

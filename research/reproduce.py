@@ -28,8 +28,9 @@ from omegaconf import DictConfig
 from research import distributed
 from research.checkpoint import checkpoint_path, checkpoint_step, list_checkpoints
 from research.config import apply_overrides, from_yaml, make_config, resolve_path, validate
-from research.corpus import data_digest, describe
+from research.corpus import describe
 from research.errors import UserError
+from research.mixture import config_data_digest
 from research.runner import report, run_tracked
 from research.names import (
     CHECKPOINT_ARTIFACT, CHECKPOINT_ARTIFACT_STEP, CONFIG_ARTIFACT, DATA_DIGEST, FINAL_VAL_LOSS, GIT_COMMIT, GIT_DIRTY, REPRODUCED_FROM,
@@ -136,10 +137,11 @@ def open_logged_run(run_id: str, overrides: dict[str, str]) -> tuple[MlflowClien
 
 def check_data(run: Run, cfg: DictConfig, verb: str, allow_change: bool) -> None:
     """Refuse to continue or repeat a run on data other than its own (a reproduction may opt in)."""
-    logged, current = run.data.tags.get(DATA_DIGEST), data_digest(cfg.data.path)
+    logged, current = run.data.tags.get(DATA_DIGEST), config_data_digest(cfg.data)
     if not logged or logged == current:
         return
-    changed = f"the data {describe(cfg.data.path)} changed since run {run.info.run_id} (digest {current}, logged {logged})"
+    what = "data.sources (a source's data, name or weight)" if cfg.data.sources else describe(cfg.data.path)
+    changed = f"the data {what} changed since run {run.info.run_id} (digest {current}, logged {logged})"
     if allow_change:
         warn(f"{changed}; reproducing on the new data, so the curves will differ")
     elif verb == "reproduce":

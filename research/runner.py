@@ -13,6 +13,7 @@ from rich.console import Console
 
 from research import distributed, registry
 from research.config import Config, resolve_path
+from research.names import TEST_BPB, VAL_BPB
 from research.run_params import STORE_KEYS
 from research.store_url import parse
 from research.trainer import Hooks, TrainResult, train
@@ -85,8 +86,15 @@ def print_run_header(cfg: DictConfig, run_id: str, page: str) -> None:
 def report(cfg: DictConfig, result: TrainResult) -> None:
     """Where to look once a run is done."""
     console = Console()
+    final = result.final_metrics
     console.print(f"\n[bold]done[/] in {result.wall_time_s:.0f}s: {result.steps} steps, {result.tokens_seen:,} tokens, final val loss [bold]{result.final_val_loss:.3f}[/]"
-                  + (f", test loss [bold]{result.final_test_loss:.3f}[/]" if math.isfinite(result.final_test_loss) else ""))
+                  + (f" ({final[VAL_BPB]:.4f} bits per byte)" if math.isfinite(final.get(VAL_BPB, math.nan)) else "")
+                  + (f", test loss [bold]{result.final_test_loss:.3f}[/]" if math.isfinite(result.final_test_loss) else "")
+                  + (f" ({final[TEST_BPB]:.4f} bits per byte)" if math.isfinite(final.get(TEST_BPB, math.nan)) else ""))
+    for name in sorted({key.split("/", 2)[2] for key in final if key.count("/") == 2}):  # a mixture's sources
+        console.print(f"  source {name}: {final.get(f'train/share/{name}', math.nan):.2%} of training tokens, "
+                      f"val loss {final.get(f'val/loss/{name}', math.nan):.3f}, {final.get(f'val/bpb/{name}', math.nan):.4f} bpb"
+                      + (f"; test loss {final[f'test/loss/{name}']:.3f}, {final[f'test/bpb/{name}']:.4f} bpb" if f"test/loss/{name}" in final else ""))
     for prompt, text in result.samples[:2]:
         console.print(f"[dim]sample:[/] {text[:300]!r}")
     run_id = getattr(result, "run_id", None)

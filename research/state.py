@@ -23,7 +23,7 @@ class TrainState:
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
-    sampler: BatchSampler  # the data position
+    sampler: BatchSampler  # the data position: a BatchSampler, or a mixture.MixtureSampler (the same methods; each source's position)
     step: int = 0  # optimizer steps taken
     tokens_seen: int = 0  # training tokens consumed, all ranks
 

@@ -30,7 +30,8 @@ from optuna.trial import FrozenTrial, TrialState
 STAGE_ATTR = "stage"  # trial user attr: default | search | grid | confirm | evaluate
 SEED_ATTR = "seed"  # trial user attr: the seed the trial trains with
 STEPS_ATTR = "steps"  # trial user attr: optimizer steps it trained (pruned trials stop early)
-TEST_LOSS_ATTR = "test_loss"  # trial user attr: final test loss (read only by the evaluation stage's report)
+TEST_LOSS_ATTR = "test_loss"  # trial user attr: final test value of sweep.objective, test loss or test bpb (read only by the evaluation stage's report)
+BPB_ATTRS = ("val_bpb", "test_bpb")  # trial user attrs: final val/bpb and test/bpb, shown beside the losses in the report's trial table
 SEARCHED = ("default", "search", "grid")  # the stages whose trials are proposed by the sampler (or the recipe)
 EVAL_SEED_OFFSET = 1000  # evaluation seeds start here above `seed`: apart from the search and confirm seeds, whatever their number
 CHOOSE_RULES = ("worst", "mean_plus_sd", "mean")

@@ -43,7 +43,7 @@ from research.run_naming import start_run, trial_run_name
 from research.run_params import SWEEP_SECTIONS, TAG_CHARS, params_and_tags
 from research.store_url import parse
 from research.study_storage import open_storage, storage_url
-from research.study_plan import SEARCHED, SEED_ATTR, STAGE_ATTR, STEPS_ATTR, TEST_LOSS_ATTR, default_params, duplicate_of, grid_seeds, plan
+from research.study_plan import BPB_ATTRS, SEARCHED, SEED_ATTR, STAGE_ATTR, STEPS_ATTR, TEST_LOSS_ATTR, default_params, duplicate_of, grid_seeds, plan
 from research.sweep_report import summarise
 from research.tracking import MLflowHook
 from research.tracking_store import connect, tracking_uri
@@ -218,17 +218,17 @@ def take_queued_trial(study: optuna.Study, cfg: DictConfig, space: dict[str, spa
 class ReportToTrial(Hooks):
     """Reports each validation loss to the study and stops a search trial when the pruner says so; counts the steps trained."""
 
-    def __init__(self, trial: optuna.Trial, last_step: int):
-        self.trial, self.last_step, self.steps = trial, last_step, 0
+    def __init__(self, trial: optuna.Trial, last_step: int, objective: str = "loss"):
+        self.trial, self.last_step, self.steps, self.metric = trial, last_step, 0, f"val/{objective}"
         self.prunable = trial.user_attrs.get(STAGE_ATTR, "search") == "search"  # the default, grid and confirm trials run to the end
 
     def on_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
         self.steps = max([self.steps, *(step for step, _ in rows)])
 
     def on_eval(self, step: int, metrics: dict[str, float]) -> None:
-        self.trial.report(metrics[names.VAL_LOSS], step)
+        self.trial.report(metrics[self.metric], step)
         if self.prunable and step < self.last_step and self.trial.should_prune():
-            raise optuna.TrialPruned(f"pruned at step {step} (val loss {metrics[names.VAL_LOSS]:.4f})")
+            raise optuna.TrialPruned(f"pruned at step {step} ({self.metric} {metrics[self.metric]:.4f})")
 
 
 def trial_config(cfg: DictConfig, trial: optuna.Trial, space: dict[str, spaces.Dimension]) -> DictConfig:
@@ -243,8 +243,8 @@ def trial_config(cfg: DictConfig, trial: optuna.Trial, space: dict[str, spaces.D
 def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: DictConfig, space: dict[str, spaces.Dimension], client, parent_run_id: str | None,
               console: Console) -> None:
     """Train one trial, logged as a child run while Optuna's heartbeat thread marks it alive; tell the study how it ended."""
-    state, value, reason, run_id, test_loss = TrialState.COMPLETE, None, "", None, math.nan
-    report = ReportToTrial(trial, cfg.train.max_steps)
+    state, value, reason, run_id, test_loss, bpb = TrialState.COMPLETE, None, "", None, math.nan, {}
+    report = ReportToTrial(trial, cfg.train.max_steps, cfg.sweep.objective)
     try:
         trial_cfg = trial_config(cfg, trial, space)
         console.rule(f"trial {trial.number} ({trial.user_attrs.get(STAGE_ATTR, 'search')}, seed {trial_cfg.seed}): "
@@ -258,13 +258,15 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: DictConfig, space: 
         with get_heartbeat_thread(trial._trial_id, study._storage):
             try:
                 result = train(trial_cfg, hooks)
-                value, test_loss = result.final_val_loss, result.final_test_loss
+                final = result.final_metrics  # the objective's: val/loss and test/loss, or val/bpb and test/bpb
+                value, test_loss = final.get(f"val/{cfg.sweep.objective}", math.nan), final.get(f"test/{cfg.sweep.objective}", math.nan)
+                bpb = {attr: final[metric] for attr, metric in zip(BPB_ATTRS, (names.VAL_BPB, names.TEST_BPB)) if math.isfinite(final.get(metric, math.nan))}
                 del result  # and its model
             finally:
                 if client is not None:
                     hooks[0].close()  # a pruned or failed run keeps the metrics logged up to its last step
         if not math.isfinite(value):
-            state, value, reason = TrialState.FAIL, None, f"final val loss is {value}"
+            state, value, reason = TrialState.FAIL, None, f"final val {cfg.sweep.objective} is {value}"
     except optuna.TrialPruned as pruned:
         state, reason = TrialState.PRUNED, str(pruned)
     except KeyboardInterrupt:
@@ -272,9 +274,9 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, cfg: DictConfig, space: 
         raise
     except Exception as err:  # NaN loss, out of memory, a bad config: this trial fails, the study goes on
         state, value, reason = TrialState.FAIL, None, f"{type(err).__name__}: {err}"
-    attrs = {STEPS_ATTR: report.steps, **({TEST_LOSS_ATTR: test_loss} if math.isfinite(test_loss) else {})}  # the test loss: for the evaluation report only
+    attrs = {STEPS_ATTR: report.steps, **bpb, **({TEST_LOSS_ATTR: test_loss} if math.isfinite(test_loss) else {})}  # the test loss: for the evaluation report only
     finish_trial(study, trial, client, run_id, state, value, reason, attrs)
-    console.print(f"trial {trial.number}: [bold]{state.name}[/]" + (f" val loss {value:.4f}" if value is not None else "") + (f" ({reason})" if reason else ""))
+    console.print(f"trial {trial.number}: [bold]{state.name}[/]" + (f" val {cfg.sweep.objective} {value:.4f}" if value is not None else "") + (f" ({reason})" if reason else ""))
 
 
 def finish_trial(study: optuna.Study, trial: optuna.Trial, client, run_id: str | None, state: TrialState, value: float | None, reason: str,

@@ -31,7 +31,7 @@ from research.names import END_REASON
 from research.paired import Paired
 from research.search_space import describe
 from research.study_plan import (
-    SEED_ATTR, STAGE_ATTR, STEPS_ATTR, TEST_LOSS_ATTR, Configuration, candidates, choice_seeds, choose, configurations, default_params, eval_seeds,
+    BPB_ATTRS, SEED_ATTR, STAGE_ATTR, STEPS_ATTR, TEST_LOSS_ATTR, Configuration, candidates, choice_seeds, choose, configurations, default_params, eval_seeds,
     score, total_steps,
 )
 
@@ -82,10 +82,12 @@ def summarise(study, cfg: DictConfig, recipe_cfg: DictConfig, space: dict, stora
         paragraphs += [f"**answer**: {format_params(answer.params)}" + (" (the default)" if answer.is_default else ""),
                        evaluation_text(answer, default, paired, cfg), f"train it: `{command}`"]
     if importances:
-        paragraphs.append("parameter importance (fANOVA, search-seed validation loss): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
+        paragraphs.append(f"parameter importance (fANOVA, search-seed validation {cfg.sweep.objective}): " + ", ".join(f"{k} {v:.2f}" for k, v in importances.items()))
     tables = [t for t in (evaluation_table(answer, default, cfg), choice_table(configs, answer, cfg)) if t]
     shown = answer_trials(answer, cfg)
-    tables.append((["trial", "stage", "seed", *space, "val loss", "test loss", "steps", "state", "note"], [trial_row(t, space) for t in trials],
+    bpb_columns = ["val bpb", "test bpb"] if cfg.sweep.objective == "loss" else []  # with objective=bpb the val and test columns are bpb
+    tables.append((["trial", "stage", "seed", *space, f"val {cfg.sweep.objective}", f"test {cfg.sweep.objective}", *bpb_columns, "steps", "state", "note"],
+                   [trial_row(t, space, bool(bpb_columns)) for t in trials],
                    {i for i, t in enumerate(trials) if t.number in shown}))
     console.print("\n\n".join(paragraphs))
     write_report(study, f"Study {study.study_name}", paragraphs, tables, report_folders(cfg, study.study_name), client, parent_run_id, console)
@@ -101,15 +103,15 @@ def answer_trials(answer: Configuration | None, cfg: DictConfig) -> list[int]:
 
 
 def how_chosen(cfg: DictConfig) -> str:
-    s = cfg.sweep
+    s, o = cfg.sweep, cfg.sweep.objective
     if s.sampler == "grid":
-        chosen = f"every grid point at seeds {choice_seeds(cfg)}, chosen by {s.choose_by} validation loss over those seeds"
+        chosen = f"every grid point at seeds {choice_seeds(cfg)}, chosen by {s.choose_by} validation {o} over those seeds"
     elif s.confirm_seeds:
-        chosen = (f"searched at seed {cfg.seed} on validation loss; the top {s.confirm_top_k} trained again at seeds {choice_seeds(cfg)} "
-                  f"and chosen there by {s.choose_by} validation loss")
+        chosen = (f"searched at seed {cfg.seed} on validation {o}; the top {s.confirm_top_k} trained again at seeds {choice_seeds(cfg)} "
+                  f"and chosen there by {s.choose_by} validation {o}")
     else:
-        chosen = f"searched at seed {cfg.seed} and chosen there on validation loss (no confirmation: the best of one seed)"
-    evaluated = (f"then the answer and the default trained at seeds {eval_seeds(cfg)}, which nothing was chosen on: their test losses, "
+        chosen = f"searched at seed {cfg.seed} and chosen there on validation {o} (no confirmation: the best of one seed)"
+    evaluated = (f"then the answer and the default trained at seeds {eval_seeds(cfg)}, which nothing was chosen on: their test {o}, "
                  "paired by seed, are the figures below" if s.eval_seeds else "no evaluation seeds (sweep.eval_seeds=0): no figure here is free of selection")
     return f"**how**: {chosen}; {evaluated}"
 
@@ -120,8 +122,8 @@ def evaluation_text(answer: Configuration, default: Configuration | None, paired
     if default is None or paired is None:
         return "**evaluation**: no default configuration was trained, so there is no reference to compare with"
     if answer is default:
-        return f"**evaluation**: the answer is the default: test loss {spread(list(default.test(eval_seeds(cfg)).values()))}"
-    return (f"**evaluation** (test loss at seeds {paired.seeds}): answer {spread(list(paired.a.values()))}, default {spread(list(paired.b.values()))}; "
+        return f"**evaluation**: the answer is the default: test {cfg.sweep.objective} {spread(list(default.test(eval_seeds(cfg)).values()))}"
+    return (f"**evaluation** (test {cfg.sweep.objective} at seeds {paired.seeds}): answer {spread(list(paired.a.values()))}, default {spread(list(paired.b.values()))}; "
             f"answer - default {paired.summary()}")
 
 
@@ -130,7 +132,8 @@ def evaluation_table(answer: Configuration | None, default: Configuration | None
         return None
     a, b = answer.test(eval_seeds(cfg)), default.test(eval_seeds(cfg))
     rows = [[str(s), f"{a[s]:.4f}", f"{b[s]:.4f}", f"{a[s] - b[s]:+.4f}"] for s in sorted(set(a) & set(b))]
-    return ["seed", "answer test loss", "default test loss", "answer - default"], rows, set()
+    o = cfg.sweep.objective
+    return ["seed", f"answer test {o}", f"default test {o}", "answer - default"], rows, set()
 
 
 def choice_table(configs: list[Configuration], answer: Configuration | None, cfg: DictConfig):
@@ -147,12 +150,13 @@ def choice_table(configs: list[Configuration], answer: Configuration | None, cfg
     return header, rows, {shown.index(answer)} if answer in shown else set()
 
 
-def trial_row(trial: FrozenTrial, space: dict) -> list[str]:
+def trial_row(trial: FrozenTrial, space: dict, with_bpb: bool = False) -> list[str]:
     values = [f"{trial.params[k]:.4g}" if k in trial.params else "" for k in space]
     done = trial.value is not None and trial.state == TrialState.COMPLETE
     loss = f"{trial.value:.4f}" if done else ""
     test = f"{trial.user_attrs[TEST_LOSS_ATTR]:.4f}" if done and TEST_LOSS_ATTR in trial.user_attrs else ""
-    return [str(trial.number), trial.user_attrs.get(STAGE_ATTR, ""), str(trial.user_attrs.get(SEED_ATTR, "")), *values, loss, test,
+    bpb = [f"{trial.user_attrs[a]:.4f}" if done and a in trial.user_attrs else "" for a in BPB_ATTRS] if with_bpb else []
+    return [str(trial.number), trial.user_attrs.get(STAGE_ATTR, ""), str(trial.user_attrs.get(SEED_ATTR, "")), *values, loss, test, *bpb,
             str(trial.user_attrs.get(STEPS_ATTR, "")), trial.state.name, trial.user_attrs.get(END_REASON, "")]
 
 
@@ -250,13 +254,13 @@ def log_answer(client, parent_run_id: str, answer: Configuration | None, default
     """Metrics and tags, not params: the answer changes as the study grows, and MLflow params cannot."""
     metrics = {"sweep/total_steps": float(steps), **{f"importance/{k}": v for k, v in importances.items()}}
     tags = {}
-    seeds = eval_seeds(cfg)
+    seeds, o = eval_seeds(cfg), cfg.sweep.objective
     for name, config in (("best", answer), ("default", default)):
         values = list(config.test(seeds).values()) if config else []
         if values:
-            metrics.update({f"{name}/test_loss": statistics.fmean(values), f"{name}/test_loss_n": float(len(values))})
+            metrics.update({f"{name}/test_{o}": statistics.fmean(values), f"{name}/test_{o}_n": float(len(values))})
             if len(values) > 1:
-                metrics[f"{name}/test_loss_sd"] = statistics.stdev(values)
+                metrics[f"{name}/test_{o}_sd"] = statistics.stdev(values)
     if answer is not None:
         metrics.update({f"best/{k}": float(v) for k, v in answer.params.items()})
         tags.update({f"best.{k}": f"{v:.6g}" for k, v in answer.params.items()})
@@ -264,10 +268,10 @@ def log_answer(client, parent_run_id: str, answer: Configuration | None, default
         metrics["best/choice_score"] = score(list(answer.val(choice_seeds(cfg)).values()), cfg.sweep.choose_by)  # what it was chosen on
     if paired is not None and paired.n:
         low, high = paired.interval
-        metrics.update({"paired/test_loss_diff": paired.mean, "paired/n": float(paired.n)})
+        metrics.update({f"paired/test_{o}_diff": paired.mean, "paired/n": float(paired.n)})
         if paired.n > 1:
             metrics.update({"paired/diff_sd": paired.sd, "paired/ci_low": low, "paired/ci_high": high, "paired/detectable": paired.detectable})
-        tags["best.verdict"] = f"answer - default on test loss: {paired.summary()}"
+        tags["best.verdict"] = f"answer - default on test {o}: {paired.summary()}"
     now_ms = int(time.time() * 1000)
     client.log_batch(parent_run_id, metrics=[Metric(k, v, now_ms, step) for k, v in metrics.items() if math.isfinite(v)],
                      tags=[RunTag(k, v[:5000]) for k, v in tags.items()])

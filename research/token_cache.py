@@ -5,9 +5,10 @@
     <cache_dir>/<key>/meta.json         what was tokenized with what (deterministic)
     <cache_dir>/<key>/build.json        how long it took, with how many workers
 
-The parent reads the shards in blocks of whole lines (decompressing gzip once) and hands them to
-`data.workers` processes, each running the Rust tokenizer on one thread; it writes their results
-in block order. So the cache is byte-identical for any number of workers, and memory is bounded
+The parent reads JSONL shards in blocks of whole lines (decompressing gzip once), and lists the row
+groups of parquet shards, and hands these units to `data.workers` processes (which read a row group
+themselves, so the parquet decoding is parallel too), each running the Rust tokenizer on one thread; it writes their results
+in unit order. So the cache is byte-identical for any number of workers, and memory is bounded
 by the blocks in flight (2 per worker), not by the corpus. The cache is built in a temp folder
 and renamed into place: a crash, Ctrl-C or kill never leaves a cache a later run would trust, and
 temp folders of killed builds are removed by the next build.
@@ -37,7 +38,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from research.config import resolve_path
-from research.corpus import BLOCK_BYTES, ReadStats, block_documents, data_digest, describe, no_documents_message, read_blocks, resolve_shards, total_size
+from research.corpus import BLOCK_BYTES, ReadStats, data_digest, describe, no_documents_message, read_units, resolve_shards, total_size, unit_documents
 from research.errors import UserError
 from research.progress import WorkProgress, format_seconds
 from research.tokenizer import CREATE_HINT, tokenizer_digest
@@ -135,7 +136,7 @@ def _build_cache(folder: Path, spec: Any, shards: list[Path], job: TokenizeJob, 
         shutil.rmtree(tmp, ignore_errors=True)
     size = sum(f.stat().st_size for f in folder.iterdir())
     print(f"token cache built in {format_seconds(seconds)} with {workers} worker(s): {stats.documents:,} documents from {len(shards)} shard(s) "
-          f"({jsonl_bytes / 1e6:,.1f} MB of JSONL), {n_tokens:,} tokens ({n_tokens / max(seconds, 1e-9):,.0f}/s), "
+          f"({jsonl_bytes / 1e6:,.1f} MB of JSONL lines and parquet text), {n_tokens:,} tokens ({n_tokens / max(seconds, 1e-9):,.0f}/s), "
           f"{size / 1e6:,.1f} MB at {folder}", flush=True)
 
 
@@ -145,7 +146,7 @@ def _write_tokens(tmp: Path, shards: list[Path], job: TokenizeJob, workers: int,
     with open(tmp / "tokens.bin", "wb") as tokens, open(tmp / "offsets.raw", "wb") as offsets:
         offsets.write(np.zeros(1, dtype=np.int64).tobytes())
         with _worker_pool(job, workers) as pool, WorkProgress("tokenizing", total_size(shards), "tokens") as progress:
-            for done, (block_tokens, lengths, part, n_bytes) in _ordered_results(pool, job, _blocks(shards, block_bytes), workers):
+            for done, (block_tokens, lengths, part, n_bytes) in _ordered_results(pool, job, _blocks(shards, job.text_key, block_bytes), workers):
                 tokens.write(block_tokens)
                 offsets.write((n_tokens + np.cumsum(lengths, dtype=np.int64)).tobytes())
                 n_tokens += int(lengths.sum())
@@ -157,12 +158,12 @@ def _write_tokens(tmp: Path, shards: list[Path], job: TokenizeJob, workers: int,
     return stats, n_tokens, jsonl_bytes
 
 
-def _blocks(shards: list[Path], block_bytes: int) -> Iterator[tuple[int, tuple[Path, int, bytes]]]:
-    """(bytes of the shard files read so far, (shard, first line number, block)) over all shards in order."""
+def _blocks(shards: list[Path], job_text_key: str, block_bytes: int) -> Iterator[tuple[int, tuple[Path, int, bytes]]]:
+    """(bytes of the shard files read so far, (shard, start, block)) over all shards in order: see corpus.read_units."""
     before = 0
     for shard in shards:
-        for lineno, block, pos in read_blocks(shard, block_bytes):
-            yield before + pos, (shard, lineno, block)
+        for start, block, pos in read_units(shard, job_text_key, block_bytes):
+            yield before + pos, (shard, start, block)
         before += shard.stat().st_size
 
 
@@ -228,7 +229,7 @@ class TokenizeJob:
 
 
 class Encoder:
-    """Block of JSONL lines -> (tokens as bytes, document lengths, ReadStats, bytes read).
+    """Block of JSONL lines, or parquet row group -> (tokens as bytes, document lengths, ReadStats, bytes read).
 
     Fast tokenizers are called through their Rust backend's encode_batch_fast (the ids of
     `tokenizer(texts, add_special_tokens=False)`, without the offsets nobody uses here).
@@ -246,9 +247,9 @@ class Encoder:
         else:
             self.encode = lambda texts: job.tokenizer(texts, add_special_tokens=False, return_attention_mask=False)["input_ids"]
 
-    def __call__(self, path: Path, lineno: int, block: bytes) -> tuple[bytes, np.ndarray, ReadStats, int]:
+    def __call__(self, path: Path, start: int, block: bytes | int) -> tuple[bytes, np.ndarray, ReadStats, int]:
         job, stats, parts, lengths = self.job, ReadStats(), [], []
-        docs = block_documents(block, lineno, path, job.text_key, job.skip_bad_lines, stats)
+        docs = unit_documents(path, start, block, job.text_key, job.skip_bad_lines, stats)
         while batch := list(itertools.islice(docs, TOKENIZE_CHUNK)):
             ids = self.encode(batch)
             sizes = [len(doc) + 2 for doc in ids]
@@ -256,7 +257,7 @@ class Encoder:
             parts.append(np.fromiter(flat, dtype=job.dtype, count=sum(sizes)))
             lengths += sizes
         tokens = np.concatenate(parts).tobytes() if parts else b""
-        return tokens, np.asarray(lengths, dtype=np.int64), stats, len(block)
+        return tokens, np.asarray(lengths, dtype=np.int64), stats, stats.text_bytes if isinstance(block, int) else len(block)
 
 
 _ENCODER: Encoder | None = None  # a worker process's encoder, made once by _init_worker
@@ -270,7 +271,7 @@ def _init_worker(job: TokenizeJob, parent_pid: int) -> None:
     _ENCODER = Encoder(job)
 
 
-def _encode_in_worker(args: tuple[Path, int, bytes]):
+def _encode_in_worker(args: tuple[Path, int, bytes | int]):
     return _ENCODER(*args)
 
 

@@ -108,3 +108,26 @@ def tokens_per_char(tokenizer: PreTrainedTokenizerBase, texts: Iterable[str], ch
         n_tokens += sum(len(x) for x in ids)
         n_chars += sum(len(t) for t in batch)
     return n_tokens / max(n_chars, 1)
+
+
+def token_byte_lengths(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """UTF-8 bytes of text each token id stands for (special tokens: 0), for bits per byte.
+
+    A byte-level BPE token is written in GPT-2's byte alphabet, one character per byte, so its
+    length is its byte count (a token may hold part of a multi-byte character). Other tokenizers:
+    a byte-fallback token such as <0xE2> is one byte, any other is its decoded text's bytes.
+    """
+    special = set(tokenizer.all_special_ids)
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    byte_level = backend is not None and type(backend.decoder).__name__ == "ByteLevel"
+    lengths = []
+    for token_id, token in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))):
+        if token_id in special or token is None:
+            lengths.append(0)
+        elif byte_level:
+            lengths.append(len(token))
+        elif len(token) == 6 and token.startswith("<0x") and token.endswith(">"):
+            lengths.append(1)
+        else:
+            lengths.append(len(tokenizer.convert_tokens_to_string([token]).encode("utf-8")))
+    return lengths

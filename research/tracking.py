@@ -7,6 +7,7 @@ the tracking server goes away (offline.py) each have their own module; this one 
 
 from __future__ import annotations
 
+import math
 import shutil
 import tempfile
 import time
@@ -169,6 +170,9 @@ class MLflowHook(Hooks):
     def on_end(self, result: TrainResult) -> None:
         """Final metric and outputs; with the server gone they stay beside the fallback file for `run.py sync`."""
         self.buffer.append(Metric(names.FINAL_VAL_LOSS, result.final_val_loss, int(time.time() * 1000), result.steps))
+        finals = {names.FINAL_VAL_BPB: result.final_metrics.get(names.VAL_BPB, math.nan),
+                  **{k: v for k, v in result.final_metrics.items() if k.startswith("train/share/")}}  # a mixture's token shares
+        self.buffer += [Metric(k, v, int(time.time() * 1000), result.steps) for k, v in finals.items() if math.isfinite(v)]
         self.pending_tags[names.WALL_TIME] = f"{result.wall_time_s:.1f}"
         with tempfile.TemporaryDirectory() as tmp:
             write_outputs(result, Path(tmp), self.log_model_artifacts)

@@ -26,12 +26,13 @@ from research.components import Components, build
 from research.config import resolve_path, to_yaml
 from research.data import DataInfo
 from research.errors import UserError
-from research.evaluate import evaluate
+from research.evaluate import evaluate_sets
 from research.hardware import cpu_has_fast_bf16, device_name, keep_freed_memory, peak_flops
 from research.metrics import MetricLog
 from research.accounting import flops_per_token, num_params
 from research.model import MiniMindForCausalLM
-from research.names import TRAIN_LOSS
+from research.mixture import mixture_shares, source_lines
+from research.names import TEST_LOSS, TRAIN_LOSS, VAL_LOSS
 from research.sample import generate_samples
 from research.schedule import lr_at
 from research.state import TrainState, rng_state
@@ -83,6 +84,7 @@ class TrainResult:
     derived: dict[str, Any] = field(default_factory=dict)
     run_id: str | None = None  # the MLflow run, when tracked
     run_page: str = ""  # its page in the MLflow UI, when the store is a tracking server
+    final_metrics: dict[str, float] = field(default_factory=dict)  # the last validation and the test metrics: val/loss, val/bpb, test/..., per source
 
     def curve(self, name: str = TRAIN_LOSS) -> list[tuple[int, float]]:
         return [(step, row[name]) for step, row in self.history if name in row]
@@ -117,7 +119,7 @@ def run_training(cfg: DictConfig, hooks: Sequence[Hooks], stop: StopSignal) -> T
     log = MetricLog(env, hooks, console, derived["FLOPs per token"], derived["peak FLOP/s (for MFU)"], run.precision,
                     check_grad_norm=not state.scaler.is_enabled(), max_steps=t.max_steps, start_step=state.step)
 
-    start_step, val_loss = state.step, float("nan")
+    start_step, val = state.step, {VAL_LOSS: float("nan")}
     state.model.train()
     with log.progress, stop.at_step_boundaries(), out_of_memory_advice(cfg):
         while state.step < t.max_steps and not stop_requested(stop, state.step, t.log_every, env):
@@ -132,25 +134,25 @@ def run_training(cfg: DictConfig, hooks: Sequence[Hooks], stop: StopSignal) -> T
                 log.flush(state.step, checkpoints.last)
             if (t.eval_every > 0 and state.step % t.eval_every == 0) or last_step:
                 log.flush(state.step, checkpoints.last)
-                val_loss = evaluate(state.model, run.val_ds, t, env.device, run.amp, env)
-                log.record_eval(state.step, val_loss)
+                val = evaluate_sets(state.model, run.val_sets, "val", t, env.device, run.amp, env, run.token_bytes)
+                log.record_eval(state.step, val)
             if t.checkpoint_every > 0 and state.step % t.checkpoint_every == 0 and not last_step:
                 checkpoints.save(state, log)
         if start_step == state.step == t.max_steps:  # resumed from the final checkpoint: the end still wants a val loss
-            val_loss = evaluate(state.model, run.val_ds, t, env.device, run.amp, env)
+            val = evaluate_sets(state.model, run.val_sets, "val", t, env.device, run.amp, env, run.token_bytes)
         checkpoints.save(state, log)
     if state.step < t.max_steps:  # stopped by a signal, at a step boundary
         saved = f"checkpoint {checkpoints.last}" if checkpoints.last else "no checkpoint (train.checkpoint_dir is empty)"
         console.print(f"{stop.name}: stopped after step {state.step} of {t.max_steps}; {saved}", soft_wrap=True, markup=False)
         raise KeyboardInterrupt
 
-    test_loss = float("nan")
-    if run.test_ds is not None:  # once, after training: nothing during the run (nor a sweep's selection) sees it
-        test_loss = evaluate(state.model, run.test_ds, t, env.device, run.amp, env, max_batches=t.test_batches)
-        log.record_test(state.step, test_loss)
+    test = {TEST_LOSS: float("nan")}
+    if run.test_sets:  # once, after training: nothing during the run (nor a sweep's selection) sees it
+        test = evaluate_sets(state.model, run.test_sets, "test", t, env.device, run.amp, env, run.token_bytes, max_batches=t.test_batches)
+        log.record_test(state.step, test)
     samples = generate_samples(state.model, run.tokenizer, list(t.samples), t.sample_tokens, cfg.seed, env.device) if env.is_main else []
-    result = TrainResult(val_loss, test_loss, state.step, state.tokens_seen, time.perf_counter() - started, log.history, samples,
-                         state.model, run.tokenizer, checkpoints.last, derived)
+    result = TrainResult(val[VAL_LOSS], test[TEST_LOSS], state.step, state.tokens_seen, time.perf_counter() - started, log.history, samples,
+                         state.model, run.tokenizer, checkpoints.last, derived, final_metrics={**val, **test, **mixture_shares(state.sampler)})
     for hook in hooks:
         hook.on_end(result)
     del run  # the DDP reducer holds the process group: freeing it after the group is destroyed can deadlock gloo
@@ -183,6 +185,7 @@ def derived_quantities(cfg: DictConfig, run: Components, env: distributed.DistEn
         "epochs over train split": tokens_per_step * cfg.train.max_steps / max(1, run.data_info.train_tokens),
         "train / val / test tokens": f"{run.data_info.train_tokens:,} / {run.data_info.val_tokens:,} / {run.data_info.test_tokens:,}",
         "peak FLOP/s (for MFU)": peak,
+        **source_lines(run.data_info, tokens_per_step * cfg.train.max_steps),
     }
 
 

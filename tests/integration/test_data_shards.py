@@ -211,13 +211,17 @@ def test_build_reports_progress_and_a_summary_into_a_pipe(tmp_path, shards):
 # a tokenizer of one's own, then training on it
 
 
-def test_sample_is_bounded_spread_and_deterministic(shards):
+def test_sample_is_random_over_all_shards_bounded_and_seeded(shards, texts):
     files = resolve_shards(str(shards))
-    sample = list(sample_texts(files, 30_000))
-    assert sample == list(sample_texts(files, 30_000))
-    assert 30_000 <= sum(len(t.encode()) for t in sample) < 60_000
-    firsts = [next(iter_documents(f)) for f in files]
-    assert all(first in sample for first in firsts)  # every shard contributes
+    sample = sample_texts(files, 30_000, seed=0)
+    assert sample == sample_texts(files, 30_000, seed=0) and sample != sample_texts(files, 30_000, seed=1)
+    sizes = [len(t.encode()) for t in sample]
+    assert 30_000 <= sum(sizes) < 30_000 + max(sizes) and len(set(sample)) == len(sample)
+    where = [min(i for i, t in enumerate(texts) if t == s) for s in sample]  # position in the corpus (shards in order)
+    assert all(any(lo <= w < hi for w in where) for lo, hi in [(0, 100), (100, 220), (220, 300)])  # every shard contributes ...
+    assert any(50 <= w < 100 for w in where) and any(w >= 270 for w in where)  # ... and not only its head
+    assert where != sorted(where)  # in random order, not the corpus's
+    assert sorted(sample_texts(files, 10**9)) == sorted(texts)  # a budget over the corpus takes it whole
 
 
 def test_tokenizer_command_on_a_folder_then_training_uses_it(shards, tmp_path, tiny_cfg):

@@ -102,6 +102,7 @@ def test_study_logs_one_parent_and_a_child_per_trial_and_resumes_without_duplica
     for folder in (tmp_path / "results" / "sweeps" / STUDY, tmp_path / "committed"):  # the study's own folder, and sweep.report_dir
         summary = (folder / "summary.md").read_text()
         assert f"**answer**: train.lr={best.params['train.lr']:.4g}" in summary and f"\n| {best.number} | " in summary
+        assert "| val loss | test loss | val bpb | test bpb |" in summary and f"{best.user_attrs['val_bpb']:.4f}" in summary
         candidates = min(2, len(searched))
         assert summary.count("\n| ") == 2 + candidates + 4  # two headers, a row per candidate and one per trial
         assert (folder / "optimization_history.png").stat().st_size > 0
@@ -158,12 +159,19 @@ def test_median_pruner_stops_trials_with_absurd_learning_rates(sweep_cfg):
         assert max(m.step for m in client.get_metric_history(child.info.run_id, "val/loss")) == step  # logged up to the stop
 
 
-def test_a_diverging_trial_fails_and_the_study_goes_on(sweep_cfg):
-    cfg = sweep_cfg(sweep__n_trials=3, sweep__pruner="none", sweep__enqueue_default=False)
+def test_a_diverging_trial_fails_and_the_study_goes_on_optimizing_bpb(sweep_cfg):
+    cfg = sweep_cfg(sweep__n_trials=3, sweep__pruner="none", sweep__enqueue_default=False, sweep__objective="bpb")
     trials = run_sweep(cfg, space={"train.lr": Float(1e-3, 1e9, log=True)}).get_trials()
     failed = [t for t in trials if t.state == TrialState.FAIL]
     assert failed and any(t.state == TrialState.COMPLETE and t.number > failed[0].number for t in trials)
     _, children = runs_of(cfg)
+    client = MlflowClient(tracking_uri(cfg))
+    for trial in (t for t in trials if t.state == TrialState.COMPLETE):  # the study's value is the trial's final val/bpb, not its loss
+        (child,) = children[trial.number]
+        assert trial.value == child.data.metrics["val/bpb"] != child.data.metrics["val/loss"]
+        assert trial.intermediate_values == {m.step: m.value for m in client.get_metric_history(child.info.run_id, "val/bpb")}
+    summary = (Path(cfg.out_dir) / "sweeps" / "lr_sweep-sweep" / "summary.md").read_text()
+    assert "| val bpb | test bpb |" in summary
     for trial in failed:
         assert "NonFiniteLoss" in trial.user_attrs[END_REASON_ATTR] and trial.params["train.lr"] > 100
         (child,) = children[trial.number]

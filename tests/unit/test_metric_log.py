@@ -95,8 +95,8 @@ def test_an_infinite_gradient_norm_stops_the_run_unless_a_gradient_scaler_skips_
 def test_an_eval_goes_to_the_history_and_to_both_hooks():
     hook = Recorder()
     log = make_log(hook)
-    log.record_eval(10, 2.0)
-    log.record_eval(20, 80.0)
+    log.record_eval(10, {"val/loss": 2.0})
+    log.record_eval(20, {"val/loss": 80.0})
     assert log.history == [(10, {"val/loss": 2.0, "val/perplexity": pytest.approx(math.exp(2.0))}),
                            (20, {"val/loss": 80.0, "val/perplexity": pytest.approx(math.exp(50.0))})]  # capped, not an overflow
     assert [step for step, _ in hook.evals] == [10, 20] and [batch[0][0] for batch in hook.batches] == [10, 20]
