@@ -7,8 +7,10 @@ so there the two share the SP study. The report then gives, per width:
 
 - the optimal lr: the vertex of a parabola through the final validation loss (mean over seeds) against
   log lr at the best grid point and its two neighbours, with a 95% interval from a bootstrap over seeds
-  (seeds resampled together at every lr, as they pair the runs: same init, same batches); a best point on
-  the grid's edge gives no vertex, only that bound;
+  (seeds resampled together at every lr, as they pair the runs: same init, same batches). Where the best
+  point is on an edge of the grid, the grid is extended one step beyond it (a study of its own,
+  `<study>-lr<value>`, at the same seeds), up to MAX_EXTENSIONS times; a best point still on the edge
+  gives no vertex, only that bound;
 - the shift factor of each width's optimum against the smallest width's, and the exponent a of
   lr* ~ width^-a fitted over the widths (SP's rule of thumb: a = 1; μP's claim: a = 0);
 - at the largest width, the test loss (documents no run selected on) of the smallest width's best grid lr
@@ -30,6 +32,7 @@ from research.study_plan import SEED_ATTR, TEST_LOSS_ATTR
 
 LR_KEY = "train.lr"
 BOOTSTRAP = 2000  # resamples of the seeds
+MAX_EXTENSIONS = 2  # lrs added, one grid step at a time, beyond an edge of the grid that holds a width's best point
 PARAMETRIZATIONS = ("sp", "mup")
 
 
@@ -52,13 +55,19 @@ def grid_losses(study) -> dict[float, dict[int, tuple[float, float]]]:
     return dict(sorted(out.items()))
 
 
-def vertex(log_lrs: np.ndarray, losses: np.ndarray) -> tuple[float, bool]:
-    """(log lr of the minimum, inside the grid?): the parabola through the best point and its neighbours, or the best edge point."""
-    best = int(np.argmin(losses))
-    if best == 0 or best == len(losses) - 1:
-        return float(log_lrs[best]), False
-    a, b, _ = np.polyfit(log_lrs[best - 1:best + 2], losses[best - 1:best + 2], 2)
-    return float(-b / (2 * a)), True
+def vertex(log_lrs: np.ndarray, losses: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(log lr of the minimum, inside the grid?) per column of `losses` (lrs, draws): the vertex of the parabola through
+    the best point and its two neighbours, or, where the best point is on the grid's edge, that point."""
+    best = np.argmin(losses, axis=0)
+    inside = (best > 0) & (best < len(log_lrs) - 1)
+    i = np.clip(best, 1, len(log_lrs) - 2)
+    cols = np.arange(losses.shape[1])
+    (x1, x2, x3), (y1, y2, y3) = log_lrs[[i - 1, i, i + 1]], losses[[i - 1, i, i + 1], cols]
+    num = (x2 - x1) ** 2 * (y2 - y3) - (x2 - x3) ** 2 * (y2 - y1)
+    den = (x2 - x1) * (y2 - y3) - (x2 - x3) * (y2 - y1)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        top = x2 - 0.5 * num / den
+    return np.where(inside & (den != 0), top, log_lrs[best]), inside
 
 
 def optimum(losses: dict[float, dict[int, tuple[float, float]]], rng: np.random.Generator) -> dict:
@@ -67,11 +76,13 @@ def optimum(losses: dict[float, dict[int, tuple[float, float]]], rng: np.random.
     seeds = sorted(set.intersection(*(set(by_seed) for by_seed in losses.values())))
     val = np.array([[losses[lr][s][0] for s in seeds] for lr in lrs])  # (lrs, seeds)
     log_lrs = np.log(lrs)
-    centre, inside = vertex(log_lrs, val.mean(axis=1))
-    draws = np.array([vertex(log_lrs, val[:, rng.integers(0, len(seeds), len(seeds))].mean(axis=1))[0] for _ in range(BOOTSTRAP)])
+    mean = val.mean(axis=1)
+    centre, inside = vertex(log_lrs, mean[:, None])
+    resampled = val[:, rng.integers(0, len(seeds), (BOOTSTRAP, len(seeds)))].mean(axis=2)  # (lrs, BOOTSTRAP)
+    draws, _ = vertex(log_lrs, resampled)
     low, high = np.percentile(draws, [2.5, 97.5])
-    return {"lr": math.exp(centre), "low": math.exp(low), "high": math.exp(high), "inside": inside, "seeds": seeds,
-            "best_grid_lr": lrs[int(np.argmin(val.mean(axis=1)))], "draws": draws}
+    return {"lr": math.exp(centre[0]), "low": math.exp(low), "high": math.exp(high), "inside": bool(inside[0]), "seeds": seeds,
+            "best_grid_lr": lrs[int(np.argmin(mean))], "draws": draws}
 
 
 def exponent(widths: list[int], optima: list[dict]) -> tuple[float, float, float]:
@@ -85,7 +96,7 @@ def exponent(widths: list[int], optima: list[dict]) -> tuple[float, float, float
 
 def transfer_comparison(smallest: dict, largest: dict, losses: dict) -> Paired:
     """Test loss at the largest width: trained at the smallest width's best grid lr (A) against at its own (B), by seed."""
-    by_seed = lambda lr: {s: test for s, (_, test) in losses[lr].items()}  # noqa: E731
+    by_seed = lambda lr: {s: test for s, (_, test) in losses.get(lr, {}).items()}  # noqa: E731  (none: n = 0)
     return Paired(by_seed(smallest["best_grid_lr"]), by_seed(largest["best_grid_lr"]))
 
 
@@ -114,6 +125,8 @@ def verdict(widths: list[int], result: dict) -> str:
     else:
         text += (f"; at width {widths[-1]}, width {widths[0]}'s best lr gives {paired.mean:+.4f} test loss against its own best "
                  f"(paired, n = {paired.n}: {paired.verdict})")
+    if edges and low <= 0.5:
+        return text + ". The grid does not bracket every optimum, so these runs cannot say how it moves."
     if low > 0.5:
         return text + ". The optimum falls with width: scale the lr as base_width / width, or sweep at the target width."
     if high < 0.5:
@@ -208,16 +221,12 @@ def machine_text(cfg: DictConfig) -> str:
 def run(cfg: DictConfig, widths: list[int], report_dir: str) -> dict:
     """Every study (resumed where it stopped), then the report in `report_dir` and an MLflow run holding it."""
     from research.config import resolve_path
-    from research.sweep import run_sweep
 
     losses: dict[str, dict[int, dict]] = {p: {} for p in PARAMETRIZATIONS}
     cost: dict[str, float] = {}
     for parametrization in PARAMETRIZATIONS:
         for width in widths:
-            study_cfg = study_config(cfg, parametrization, width)
-            study = run_sweep(study_cfg)
-            losses[parametrization][width] = grid_losses(study)
-            cost[study_cfg.sweep.study_name] = minutes(study)
+            losses[parametrization][width] = bracketed(study_config(cfg, parametrization, width), cost)
     analysis = analyse(widths, losses, cfg.seed)
     machine = machine_text(cfg)
     setup = (f"Widths {widths} ({cfg.model.num_hidden_layers} layers, {cfg.model.num_attention_heads} heads), μP base width "
@@ -239,6 +248,30 @@ def run(cfg: DictConfig, widths: list[int], report_dir: str) -> dict:
         print(f"{parametrization}: {verdict(widths, result)}")
     print(f"report: {out / 'lr_transfer.md'}")
     return analysis
+
+
+def bracketed(study_cfg: DictConfig, cost: dict[str, float]) -> dict[float, dict[int, tuple[float, float]]]:
+    """The study's grid losses, extended one grid step at a time beyond an edge that holds the best mean validation loss."""
+    from research.search_space import Float
+    from research.sweep import run_sweep
+
+    study = run_sweep(study_cfg)
+    losses, cost[study_cfg.sweep.study_name] = grid_losses(study), minutes(study)
+    lrs = list(losses)
+    step = lrs[1] / lrs[0]
+    for _ in range(MAX_EXTENSIONS):
+        lrs = list(losses)
+        means = [np.mean([v for v, _ in losses[lr].values()]) for lr in lrs]
+        best = int(np.argmin(means))
+        if 0 < best < len(lrs) - 1:
+            break
+        lr = float(f"{(lrs[0] / step if best == 0 else lrs[-1] * step):.3g}")
+        name = f"{study_cfg.sweep.study_name}-lr{lr:g}"
+        extension = run_sweep(apply_overrides(study_cfg.copy(), {"sweep.study_name": name, "sweep.n_trials": study_cfg.sweep.grid_seeds}),
+                              {LR_KEY: Float(lr, lr, log=True, grid=(lr,))})
+        losses = dict(sorted({**losses, **grid_losses(extension)}.items()))
+        cost[name] = minutes(extension)
+    return losses
 
 
 def log_report(cfg: DictConfig, analysis: dict, files: list[Path]) -> None:
