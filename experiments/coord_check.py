@@ -1,7 +1,7 @@
 """Coordinate check: mean |activation| per layer over the first 5 steps at widths 64-512, SP and μP (results/coord_check/).
 
 Each width trains 5 steps at a constant lr of 1e-2 (high enough that SP's growth shows within them)
-from model.base_width 64, three seeds each; the plot and the slopes go to out= and to an MLflow run.
+from model.base_width 64, three seeds each; the plot, the numbers and the slopes go to results/coord_check/ and to an MLflow run.
 
     python run.py exp=coord_check          # about 3 minutes on 2 idle cores
 """
@@ -16,6 +16,7 @@ OVERRIDES = {
     "model.base_width": 64,
     "train.lr": 1e-2,
     "train.sample_tokens": 0,
+    "train.threads": 1,  # a few steps of small models: one thread wastes less on a busy machine
 }
 
 WIDTHS = [64, 128, 256, 512]  # hidden sizes; 4 heads each, so d_head = width / 4
