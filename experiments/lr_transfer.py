@@ -3,8 +3,8 @@
 Each width and parametrization is a grid study of this recipe (5 lrs x 3 seeds, research/sweep.py)
 with its own parent run in MLflow; rerun the same command to resume them. μP's base width is the
 smallest width, where μP is SP, so the two share that study. The recipe is the baseline's model
-(4 layers, 4 heads) at 128-token sequences for 100 steps: short enough for the whole study to fit
-about half an hour on 2 cores. The report (research/lr_transfer.py) gives each width's optimal lr
+(4 layers, 4 heads) at 128-token sequences for 100 steps: the whole study took 34 minutes with two
+workers on a busy 2-core machine. The report (research/lr_transfer.py) gives each width's optimal lr
 with a bootstrap interval, the shift between widths, and, at the largest width, the smallest width's
 optimum against its own, paired by seed.
 

@@ -112,6 +112,15 @@ def analyse(widths: list[int], losses: dict[str, dict[int, dict]], seed: int) ->
     return out
 
 
+def mup_against_sp(widths: list[int], losses: dict, analysis: dict) -> Paired:
+    """At the largest width, test loss: μP at the smallest width's best lr (A) against SP at its own best lr (B), by seed.
+
+    Transfer is worth having only if what it transfers to is good: this is μP, tuned small, against SP tuned at the size itself."""
+    top = widths[-1]
+    mup_lr, sp_lr = analysis["mup"]["optima"][0]["best_grid_lr"], analysis["sp"]["optima"][-1]["best_grid_lr"]
+    return Paired({s: t for s, (_, t) in losses["mup"][top].get(mup_lr, {}).items()}, {s: t for s, (_, t) in losses["sp"][top].get(sp_lr, {}).items()})
+
+
 def verdict(widths: list[int], result: dict) -> str:
     """Sentences from the numbers: how the optimum moves, and whether the smallest width's lr serves the largest width."""
     a, low, high = result["exponent"]
@@ -128,7 +137,7 @@ def verdict(widths: list[int], result: dict) -> str:
     if edges and low <= 0.5:
         return text + ". The grid does not bracket every optimum, so these runs cannot say how it moves."
     if low > 0.5:
-        return text + ". The optimum falls with width: scale the lr as base_width / width, or sweep at the target width."
+        return text + f". The optimum falls with width: scale the lr by ({widths[0]} / width)^{a:.2f}, or sweep at the target width."
     if high < 0.5:
         return text + ". The optimum does not move measurably with width: the small width's lr transfers as it is."
     return text + ". These widths and seeds cannot tell whether the optimum moves."
@@ -174,12 +183,19 @@ def report_markdown(title: str, setup: str, widths: list[int], analysis: dict, l
     for parametrization, result in analysis.items():
         name = "SP" if parametrization == "sp" else "μP"
         a, low, high = result["exponent"]
-        lines += [f"## {name}\n", "| width | best grid lr | optimal lr [95% interval] | shift vs width " + f"{widths[0]} |", "|---|---|---|---|"]
-        lines += [f"| {w} | {o['best_grid_lr']:.2e} | {lr_text(o)} | ×{s:.2f} |" for w, o, s in zip(widths, result["optima"], result["shift"])]
+        lines += [f"## {name}\n", f"| width | best grid lr | its val loss (mean) | optimal lr [95% interval] | shift vs width {widths[0]} |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {w} | {o['best_grid_lr']:.2e} | {np.mean([v for v, _ in losses[parametrization][w][o['best_grid_lr']].values()]):.4f} "
+                  f"| {lr_text(o)} | ×{s:.2f} |" for w, o, s in zip(widths, result["optima"], result["shift"])]
         lines += ["", f"Exponent a of lr* ~ width^-a: {a:.2f}, 95% bootstrap interval [{low:.2f}, {high:.2f}].\n",
                   f"Width {widths[-1]}, test loss at width {widths[0]}'s best grid lr ({result['optima'][0]['best_grid_lr']:.2e}) minus at its own "
                   f"({result['optima'][-1]['best_grid_lr']:.2e}), paired by seed: {result['paired'].summary()}\n",
                   f"**Verdict ({name}):** {verdict(widths, result)}\n"]
+    if set(analysis) == set(PARAMETRIZATIONS):
+        versus = mup_against_sp(widths, losses, analysis)
+        lines += [f"## μP tuned at width {widths[0]} against SP tuned at width {widths[-1]}\n",
+                  f"Width {widths[-1]}, test loss of μP at width {widths[0]}'s best grid lr ({analysis['mup']['optima'][0]['best_grid_lr']:.2e}) "
+                  f"minus SP at width {widths[-1]}'s own ({analysis['sp']['optima'][-1]['best_grid_lr']:.2e}), paired by seed: {versus.summary()}\n"]
     lines += ["## Every grid point (final validation loss / test loss per seed)\n", "| parametrization | width | lr | seeds: val / test |", "|---|---|---|---|"]
     for parametrization, by_width in losses.items():
         for width in widths:
@@ -198,12 +214,13 @@ def summary_json(widths: list[int], analysis: dict) -> str:
     return json.dumps(rows, indent=1)
 
 
-def minutes(study) -> float:
-    """Training time of a study's completed trials, in minutes (from Optuna's start and end times)."""
+def minutes(study) -> tuple[float, object, object]:
+    """(minutes of its completed trials added up, first start, last end): a study's cost, from Optuna's times."""
     from optuna.trial import TrialState
 
     done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return sum((t.datetime_complete - t.datetime_start).total_seconds() for t in done) / 60
+    return (sum((t.datetime_complete - t.datetime_start).total_seconds() for t in done) / 60,
+            min(t.datetime_start for t in done), max(t.datetime_complete for t in done))
 
 
 def machine_text(cfg: DictConfig) -> str:
@@ -223,7 +240,7 @@ def run(cfg: DictConfig, widths: list[int], report_dir: str) -> dict:
     from research.config import resolve_path
 
     losses: dict[str, dict[int, dict]] = {p: {} for p in PARAMETRIZATIONS}
-    cost: dict[str, float] = {}
+    cost: dict[str, tuple] = {}
     for parametrization in PARAMETRIZATIONS:
         for width in widths:
             losses[parametrization][width] = bracketed(study_config(cfg, parametrization, width), cost)
@@ -234,8 +251,10 @@ def run(cfg: DictConfig, widths: list[int], report_dir: str) -> dict:
              f"{cfg.train.warmup_steps}, cosine to lr x {cfg.train.min_lr_ratio}; lr grid of `exp={cfg.exp}`'s SEARCH_SPACE at "
              f"{cfg.sweep.grid_seeds} seeds ({cfg.seed}, ...). Optimum: parabola through the best grid point and its neighbours in "
              f"log lr, on the mean final validation loss; interval: {BOOTSTRAP} bootstrap resamples of the seeds. Studies: "
-             + ", ".join(f"`{name}` {m:.1f} min" for name, m in cost.items())
-             + f"; {sum(cost.values()):.0f} minutes of training in all on {machine} (a machine shared with other work).")
+             + ", ".join(f"`{name}` {m:.1f} min" for name, (m, _, _) in cost.items())
+             + f"; {sum(m for m, _, _ in cost.values()):.0f} minutes of training added up, "
+             f"{(max(e for _, _, e in cost.values()) - min(b for _, b, _ in cost.values())).total_seconds() / 60:.0f} minutes from the "
+             f"first run's start to the last one's end with the workers that ran them, on {machine} (a machine shared with other work).")
     out = resolve_path(report_dir)
     out.mkdir(parents=True, exist_ok=True)
     files = [plot(widths, losses, analysis, machine, out / "lr_transfer.png")]
@@ -250,7 +269,7 @@ def run(cfg: DictConfig, widths: list[int], report_dir: str) -> dict:
     return analysis
 
 
-def bracketed(study_cfg: DictConfig, cost: dict[str, float]) -> dict[float, dict[int, tuple[float, float]]]:
+def bracketed(study_cfg: DictConfig, cost: dict[str, tuple]) -> dict[float, dict[int, tuple[float, float]]]:
     """The study's grid losses, extended one grid step at a time beyond an edge that holds the best mean validation loss."""
     from research.search_space import Float
     from research.sweep import run_sweep

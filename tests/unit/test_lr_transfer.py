@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from research import registry
-from research.lr_transfer import analyse, optimum, study_config, verdict
+from research.lr_transfer import analyse, mup_against_sp, optimum, study_config, verdict
 
 LRS = (1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2)
 SEEDS = (1, 2, 3)
@@ -38,7 +38,9 @@ def test_an_optimum_that_halves_per_doubling_has_exponent_one_and_a_cost_when_ca
     assert result["sp"]["shift"] == pytest.approx([1.0, 0.5, 0.25], rel=0.01)
     paired = result["sp"]["paired"]  # at width 256: lr 8e-3 against 2e-3, two factors of 2 off the bowl's bottom
     assert paired.mean == pytest.approx(math.log(4) ** 2) and paired.verdict == "worse"
-    assert "falls with width" in verdict(widths, result["sp"])
+    assert "scale the lr by (64 / width)^1.00" in verdict(widths, result["sp"])
+    versus = mup_against_sp(widths, {"sp": sp, "mup": mup}, result)  # μP at 4e-3 against SP at its own 2e-3, both at the bottom of their bowls
+    assert versus.n == 3 and versus.mean == pytest.approx(0.0)
     assert abs(result["mup"]["exponent"][0]) < 0.05 and result["mup"]["exponent"][2] < 0.5
     assert "transfers at the grid's resolution" in verdict(widths, result["mup"])
 
