@@ -14,7 +14,8 @@ so there the two share the SP study. The report then gives, per width:
 - the shift factor of each width's optimum against the smallest width's, and the exponent a of
   lr* ~ width^-a fitted over the widths (SP's rule of thumb: a = 1; μP's claim: a = 0);
 - at the largest width, the test loss (documents no run selected on) of the smallest width's best grid lr
-  against the largest width's own, paired by seed (research/paired.py).
+  against the largest width's own, paired by seed (research/paired.py);
+- at the largest width, μP at the smallest width's best lr against SP at its own: whether what transfers is good.
 """
 
 from __future__ import annotations
