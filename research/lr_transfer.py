@@ -2,7 +2,7 @@
 
 Each (parametrization, width) is an ordinary study of the recipe (research/sweep.py, `sweep.sampler=grid`
 over its SEARCH_SPACE's lr grid at `sweep.grid_seeds` seeds), named `<exp>-<sp|mup>-w<width>`, with a
-parent run of its own; rerunning resumes them. μP at its base width is SP (tests/integration/test_mup.py),
+parent run of its own; rerunning resumes them. μP at its base width is SP (tests/integration/test_mup_training.py),
 so there the two share the SP study. The report then gives, per width:
 
 - the optimal lr: the vertex of a parabola through the final validation loss (mean over seeds) against
