@@ -62,6 +62,10 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5  # RMSNorm epsilon
     dropout: float = 0.0  # dropout on attention and residual branches
     tie_word_embeddings: bool = True  # share the input embedding with the output head
+    parametrization: str = "sp"  # sp: standard | mup: μP, so that lr and init tuned at model.base_width transfer to other widths (docs/mup.md)
+    base_width: int = 0  # μP: the hidden_size the hyperparameters were tuned at; 0 = hidden_size (μP then equals SP)
+    mup_input_mult: float = 1.0  # μP: multiplier of the input embedding's output
+    mup_output_mult: float = 1.0  # μP: multiplier of the logits, on top of base_width / hidden_size
 
 
 @dataclass

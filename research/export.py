@@ -2,7 +2,7 @@
 
 `MiniMindForCausalLM` uses Llama's architecture and parameter names, so the export is a config
 translation plus a strict state-dict load: if any name or shape differed, the load would fail,
-which is the point. The folder then loads anywhere with `AutoModelForCausalLM.from_pretrained(dir)`,
+which is the point. A μP model's multipliers are folded into the weights (`fold_mup`). The folder then loads anywhere with `AutoModelForCausalLM.from_pretrained(dir)`,
 no `trust_remote_code` and no import of this repo needed.
 
 Two ways out: `export_llama` writes a model to a folder (`python run.py export run_id=<id> out=<dir>`),
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedConfig
 
+from research import mup
 from research.errors import UserError
 from research.model import MiniMindConfig, MiniMindForCausalLM
 
@@ -29,7 +30,7 @@ _SAME_NAME = (
     "num_key_value_heads", "max_position_embeddings", "hidden_act", "initializer_range",
     "tie_word_embeddings", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id",
 )
-_HANDLED = set(_SAME_NAME) | {"rms_norm_eps", "rope_theta", "dropout"}
+_HANDLED = set(_SAME_NAME) | {"rms_norm_eps", "rope_theta", "dropout"} | {"parametrization", "base_width", "mup_input_mult", "mup_output_mult"}
 
 
 def to_llama_config(config: MiniMindConfig) -> LlamaConfig:
@@ -72,7 +73,28 @@ def to_llama(model: MiniMindForCausalLM) -> LlamaForCausalLM:
         raise UserError(f"cannot export to Llama: parameter names or shapes differ ({str(err).splitlines()[0]} ...)") from None
     if llama_config.tie_word_embeddings and llama.lm_head.weight is not llama.model.embed_tokens.weight:
         raise UserError("cannot export to Llama: lm_head is not tied to embed_tokens after loading")
+    fold_mup(llama, model.config)
     return llama.to(next(model.parameters()).device).eval()
+
+
+@torch.no_grad()
+def fold_mup(llama: LlamaForCausalLM, config: MiniMindConfig) -> None:
+    """Fold μP's multipliers (research/mup.py) into the Llama's weights, which has none of them.
+
+    Attention: sqrt(base d_head) / d_head = (1/sqrt(d_head)) x c with c = sqrt(base d_head / d_head), and RoPE is a
+    rotation, so q_proj x c gives Llama's 1/sqrt(d_head) the same scores. Input x a, logits x b: the embedding x a;
+    then, untied, lm_head x b; tied, the final norm's weight x b / a (logits = (b/a) norm(h) . (a E)).
+    """
+    scale = mup.attention_scale(config)
+    if scale is not None:
+        for layer in llama.model.layers:
+            layer.self_attn.q_proj.weight.mul_(scale * config.head_dim ** 0.5)
+    a, b = mup.input_mult(config), mup.output_mult(config)
+    llama.model.embed_tokens.weight.mul_(a)
+    if llama.config.tie_word_embeddings:
+        llama.model.norm.weight.mul_(b / a)
+    else:
+        llama.lm_head.weight.mul_(b)
 
 
 def export_llama(model: MiniMindForCausalLM, out_dir, tokenizer=None) -> Path:

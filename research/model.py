@@ -11,6 +11,8 @@ bottom and changed for experiments:
 Attention is grouped-query attention with rotary position embeddings (RoPE) through
 `torch.nn.functional.scaled_dot_product_attention`; the MLP is SwiGLU.
 
+`parametrization="mup"` is μP; its multipliers are in `research.mup`.
+
 Importing this module registers the "minimind" model type with the Auto classes, so
 `AutoModelForCausalLM.from_pretrained(folder)` works on a saved run after `import research.model`.
 """
@@ -29,6 +31,7 @@ from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
+from research import mup
 from research.errors import UserError
 
 
@@ -60,6 +63,10 @@ class MiniMindConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     tie_word_embeddings: bool = True
     use_cache: bool = True
+    parametrization: str = "sp"
+    base_width: int = 0
+    mup_input_mult: float = 1.0
+    mup_output_mult: float = 1.0
     bos_token_id: int | None = 1
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = 0
@@ -87,6 +94,12 @@ class MiniMindConfig(PreTrainedConfig):
             raise ValueError(f"the head dimension ({self.head_dim}) must be even for RoPE")
         if self.hidden_act != "silu":
             raise ValueError(f"only hidden_act='silu' (SwiGLU) is implemented, got {self.hidden_act!r}")
+        if self.parametrization not in ("sp", "mup"):
+            raise ValueError(f"model.parametrization must be sp or mup, got {self.parametrization!r}")
+        if self.base_width < 0 or self.base_width % self.num_attention_heads != 0:
+            raise ValueError(f"model.base_width ({self.base_width}) must be 0 (= hidden_size) or a positive multiple of num_attention_heads ({self.num_attention_heads})")
+        if min(self.mup_input_mult, self.mup_output_mult) <= 0:
+            raise ValueError(f"model.mup_input_mult and mup_output_mult must be > 0, got {self.mup_input_mult} and {self.mup_output_mult}")
 
 
 def model_config(section, **token_ids) -> MiniMindConfig:
@@ -155,6 +168,7 @@ class Attention(nn.Module):
         self.num_heads = config.num_attention_heads
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
+        self.scale = mup.attention_scale(config)  # None = SDPA's 1/sqrt(head_dim)
         self.dropout = config.dropout
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=False)
         self.k_proj = nn.Linear(config.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
@@ -175,6 +189,7 @@ class Attention(nn.Module):
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=is_causal,
+            scale=self.scale,
             enable_gqa=self.num_kv_heads != self.num_heads,
         )
         y = y.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
@@ -262,6 +277,8 @@ class MiniMindModel(nn.Module):
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids or inputs_embeds")
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
+        if mup.input_mult(self.config) != 1.0:
+            x = x * mup.input_mult(self.config)
         batch, seq, _ = x.shape
         past_len = cache.get_seq_length() if cache is not None else 0
         if position_ids is None:
@@ -293,9 +310,12 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
     def _init_weights(self, module):
         """N(0, initializer_range) for matrices, ones for norms; the projections that write into the residual
         stream (o_proj, down_proj) get std / sqrt(2 * layers), as in GPT-2, so the residual stream's variance
-        does not grow with depth. Uses transformers' init functions so `from_pretrained` can skip loaded weights."""
+        does not grow with depth. Under μP the hidden matrices (every Linear but lm_head) get variance / m.
+        Uses transformers' init functions so `from_pretrained` can skip loaded weights."""
         std = self.config.initializer_range
         if isinstance(module, nn.Linear):
+            if module is not self.lm_head:
+                std = std / math.sqrt(mup.width_mult(self.config))
             if getattr(module, "is_residual_projection", False):
                 std = std / math.sqrt(2 * self.config.num_hidden_layers)
             init.normal_(module.weight, mean=0.0, std=std)
@@ -305,6 +325,11 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
             init.normal_(module.weight, mean=0.0, std=std)
         elif isinstance(module, RMSNorm):
             init.ones_(module.weight)
+
+    def hidden_matrices(self) -> list[nn.Parameter]:
+        """μP's matrix-like weights (both dimensions grow with the width), trained at lr / m (research/step.py):
+        the blocks' projections. The embedding (tied or not), lm_head and the norms are vector-like."""
+        return [p for p in self.model.layers.parameters() if p.dim() >= 2]
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.model.embed_tokens
@@ -355,6 +380,8 @@ class MiniMindForCausalLM(PreTrainedModel, GenerationMixin):
         else:  # a tensor of positions to keep
             hidden = hidden[:, logits_to_keep]
         logits = self.lm_head(hidden)
+        if mup.output_mult(self.config) != 1.0:
+            logits = logits * mup.output_mult(self.config)
 
         loss = None
         if labels is not None:

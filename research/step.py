@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from research import distributed
+from research import distributed, mup
 from research.errors import UserError
 from research.state import TrainState
 
@@ -59,7 +59,7 @@ def adamw_kind(train_cfg: DictConfig, device: torch.device) -> str:
 
 
 def build_optimizer(model: torch.nn.Module, train_cfg: DictConfig, device: torch.device, kind: str | None = None) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices only (not on norms and biases).
+    """AdamW with weight decay on matrices only (not on norms and biases); under μP the hidden matrices have a group of their own at lr / m.
 
     `kind`: fused (one kernel reads each parameter, gradient and moment once, where foreach makes several passes: results/bench/profile.md), foreach (kept for CPU runs
     logged before fused became the default) or default (torch's own choice); None = what training uses."""
@@ -70,6 +70,11 @@ def build_optimizer(model: torch.nn.Module, train_cfg: DictConfig, device: torch
     decay = [p for p in params if p.dim() >= 2]
     no_decay = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": train_cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    lr_scale = mup.hidden_lr_scale(model.config) if hasattr(model, "hidden_matrices") else 1.0  # μP: Adam lr / m (research/mup.py)
+    if lr_scale != 1.0:
+        hidden = {id(p) for p in model.hidden_matrices()}
+        groups = [{"params": [p for p in decay if id(p) in hidden], "weight_decay": train_cfg.weight_decay, "lr_scale": lr_scale},
+                  {"params": [p for p in decay if id(p) not in hidden], "weight_decay": train_cfg.weight_decay}, groups[1]]
     implementation = {"fused": {"fused": True, "foreach": None}, "foreach": {"fused": False, "foreach": True}, "default": {}}[kind]
     return torch.optim.AdamW(groups, lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2), **implementation)
 
@@ -123,7 +128,7 @@ class StepRunner:
         """The step on these micro-batches (`targets`: each one's loss-bearing tokens): (loss, gradient norm)."""
         state, env = self.state, self.env
         for group in state.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)  # lr_scale: μP's hidden matrices
         # the loss is the sum over every target of the step divided by their count, on all ranks; DDP
         # averages gradients over ranks, so each rank divides by the mean count (a tensor: no wait for it)
         kept_tokens = torch.tensor(float(sum(targets)), device=env.device)

@@ -159,12 +159,13 @@ def test_sigterm_checkpoints_marks_killed_and_the_printed_command_resumes_elsewh
     assert_same_weights(final_weights(out, run_id), reference["weights"])
 
 
-def test_ctrl_c_stops_at_a_step_boundary_restores_handlers_and_resumes(root, reference, capsys):
-    class CtrlCAtStep3(Hooks):
-        def on_metrics(self, rows):
-            if rows[-1][0] == 3:
-                os.kill(os.getpid(), signal.SIGINT)
+class CtrlCAtStep3(Hooks):
+    def on_metrics(self, rows):
+        if rows[-1][0] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
 
+
+def test_ctrl_c_stops_at_a_step_boundary_restores_handlers_and_resumes(root, reference, capsys):
     out = root / "interrupted"
     handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
     # logging and checkpoint intervals differ from the reference's: they must not change a number
@@ -181,6 +182,20 @@ def test_ctrl_c_stops_at_a_step_boundary_restores_handlers_and_resumes(root, ref
     assert store(out).get_run(run_id).info.status == "FINISHED"
     assert losses(out, run_id) == reference["losses"]
     assert_same_weights(final_weights(out, run_id), reference["weights"])
+
+
+def test_a_resumed_mup_run_equals_the_uninterrupted_one(root):
+    """μP adds an optimizer group at lr / m (research/step.py): its scale must come back from the checkpoint."""
+    mup = {"model.parametrization": "mup", "model.base_width": 16, "model.mup_input_mult": 2.0}
+    full = run_tracked(registry.build("baseline", settings(root, root / "mup-full", **mup)))
+    out = root / "mup-stopped"
+    cfg = registry.build("baseline", settings(root, out, **mup, **{"train.log_every": 3, "train.checkpoint_every": 5}))
+    with pytest.raises(KeyboardInterrupt):
+        run_tracked(cfg, [CtrlCAtStep3()])
+    run_id = Path(cfg.train.checkpoint_dir).name
+    assert resume_or_reproduce([f"resume={run_id}", f"out_dir={out}"]) == 0
+    assert losses(out, run_id) == losses(root / "mup-full", full.run_id)
+    assert_same_weights(final_weights(out, run_id), final_weights(root / "mup-full", full.run_id))
 
 
 def test_reproduce_repeats_the_curve_and_refuses_changed_data(root, reference, capsys):
