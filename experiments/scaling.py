@@ -11,10 +11,10 @@ higher for narrower models (between standard parametrisation, one lr for all, an
 """
 
 OVERRIDES = {
-    "scaling.sizes": ["32x2", "48x2", "64x2", "96x3", "128x4"],  # 31k to 788k non-embedding parameters (25x)
-    "scaling.budgets": [1e12, 2e12, 4e12],  # FLOPs per fitted cell
-    "scaling.holdout_factor": 4.0,  # held-out budget 1.6e13 FLOPs
-    "scaling.holdout_sizes": ["160x5", "192x6"],  # larger shapes the held-out run may pick
+    "scaling.sizes": ["32x1", "32x2", "32x4", "64x2", "64x4"],  # 15k to 197k non-embedding parameters (12.8x)
+    "scaling.budgets": [5e11, 1e12, 2e12],  # FLOPs per fitted cell: 55 to 688 steps
+    "scaling.holdout_factor": 4.0,  # held-out budget 8e12 FLOPs
+    "scaling.holdout_sizes": ["32x3", "32x6", "32x8"],  # more shapes near the optimum the held-out run may pick
     "scaling.holdout_seeds": 2,
     "data.seq_len": 256,
     "train.batch_size": 8,  # 2,048 tokens per step, as the baseline
@@ -22,7 +22,8 @@ OVERRIDES = {
     "train.min_lr_ratio": 0.1,  # cosine to lr/10: every cell's schedule ends at its own budget
     "train.eval_every": 0,  # validation only at the end: the fits read the test loss
     "train.sample_tokens": 0,
-    "sweep.heartbeat_s": 30,
+    "sweep.heartbeat_s": 10,
+    "sweep.grace_s": 60,  # a killed worker's cell is queued again a minute after its last heartbeat
 }
 
 
