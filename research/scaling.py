@@ -49,7 +49,6 @@ def study_config(cfg: DictConfig, n_cells: int) -> DictConfig:
     return grid
 
 
-
 def run_scaling(cfg: DictConfig) -> optuna.Study:
     """Train the fitted cells, predict the held-out run, train it, report: each step done by whichever worker gets there."""
     refuse_torchrun()

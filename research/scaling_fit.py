@@ -185,18 +185,24 @@ def flops_per_token_curve(n, fpt):
 
 
 def isoflop_fit(budget, n, loss, fpt_of) -> dict:
-    """Parabolas, their N_opt and D_opt per budget, and the power laws a (of N_opt) and b (of D_opt)."""
+    """Parabolas, their N_opt and D_opt per budget, and the power laws a (of N_opt) and b (of D_opt).
+
+    The power laws go through the minima that lie inside the sizes trained: a minimum outside them is the
+    parabola's extrapolation, not a measurement, and one such point sets the slope of a two-point line.
+    """
     parabolas = isoflop_parabolas(budget, n, loss)
     budgets = np.array([p.budget for p in parabolas])
     n_opt = np.array([p.n_opt for p in parabolas])
     d_opt = budgets / fpt_of(n_opt) if len(parabolas) else np.array([])
-    k_n, a = power_law(budgets, n_opt)
-    k_d, b = power_law(budgets, d_opt)
+    inside = np.array([p.interior for p in parabolas], bool)
+    k_n, a = power_law(budgets[inside], n_opt[inside]) if len(parabolas) else (math.nan, math.nan)
+    k_d, b = power_law(budgets[inside], d_opt[inside]) if len(parabolas) else (math.nan, math.nan)
     return {"parabolas": parabolas, "n_opt": n_opt, "d_opt": d_opt, "k_n": k_n, "a": a, "k_d": k_d, "b": b}
 
 
 def bootstrap_isoflop(budget, n, loss, fpt_of, resamples: int, seed: int) -> dict[str, np.ndarray]:
-    """The exponents a and b refitted on resamples of the cells within each budget (a resample with under three sizes at a budget drops it)."""
+    """The exponents a and b refitted on resamples of the cells within each budget (a resample with under three sizes at a budget drops
+    that budget, one with under two interior minima gives no exponent)."""
     budget, n, loss = (np.asarray(v, float) for v in (budget, n, loss))
     rng = np.random.default_rng(seed)
     a, b = [], []

@@ -23,7 +23,7 @@ from omegaconf import DictConfig
 
 from research import scaling_fit as fits
 from research.hardware import device_name, resolve_precision
-from research.scaling_plan import FIT_STAGE, HOLDOUT_STAGE, LEVEL, Plan, Result
+from research.scaling_plan import FIT_STAGE, HOLDOUT_STAGE, LEVEL, Plan, Result, Size
 from research.sweep_report import publish, report_folders, report_html, report_markdown
 
 ACCEPTED_ERROR_PCT = 2.0  # the held-out prediction passes when its interval covers the actual loss and it is off by at most this
@@ -49,11 +49,11 @@ def report(study, cfg: DictConfig, plan: Plan, results: list[Result], prediction
     fpt_of = fits.flops_per_token_curve([s.n for s in plan.candidates], [s.fpt for s in plan.candidates])
     iso = fits.isoflop_fit(budget, n, loss, fpt_of)
     iso_boot = fits.bootstrap_isoflop(budget, n, loss, fpt_of, cfg.scaling.bootstrap, cfg.seed)
-    n_range = (min(s.n for s in plan.candidates) / 10, max(s.n for s in plan.candidates) * 10)
+    shapes = plan.candidates  # the law's optimum is sought among the shapes, each with its own FLOPs per token
     budgets = sorted(set(budget.tolist()))
-    law_n_opt = np.array([fits.law_optimum(law, c, fpt_of, n_range) for c in budgets])
-    law_a = fits.power_law(budgets, law_n_opt)[1]
-    law_b = fits.power_law(budgets, np.array(budgets) / fpt_of(law_n_opt))[1]
+    law_best = [best_shape(law, c, shapes) for c in budgets]
+    law_a = fits.power_law(budgets, [z.n for z in law_best])[1]
+    law_b = fits.power_law(budgets, [c / z.fpt for c, z in zip(budgets, law_best)])[1]
     actual = statistics.fmean(r.test_loss for r in held) if held else math.nan
     covered = prediction["low"] <= actual <= prediction["high"]
     error_pct = 100.0 * (prediction["loss"] - actual) / actual
@@ -71,13 +71,13 @@ def report(study, cfg: DictConfig, plan: Plan, results: list[Result], prediction
          f"{'covers' if covered else 'does not cover'} it; the prediction is off by {error_pct:+.2f}% of the actual loss. "
          f"**Verdict: {'passed' if passed else 'failed'}** (interval covers and |error| <= {ACCEPTED_ERROR_PCT:g}%).") if held else
         "**actual**: the held-out run has not finished",
-        agreement_text(iso, law_a, law_b, iso_boot, fpt_of, law, prediction, n_range),
+        agreement_text(iso, law_a, law_b, iso_boot, law, prediction, shapes),
     ]
-    tables = [constants_table(law, laws, iso, iso_boot, law_a, law_b), optimum_table(iso, budgets, law_n_opt, fpt_of),
+    tables = [constants_table(law, laws, iso, iso_boot, law_a, law_b), optimum_table(iso, budgets, law_best, shapes),
               cells_table(results, plan, law)]
     console.print("\n\n".join(paragraphs[2:4]))
     with tempfile.TemporaryDirectory() as tmp:
-        plots = save_plots(Path(tmp), fitted, held, law, laws, iso, fpt_of, prediction, n_range)
+        plots = save_plots(Path(tmp), fitted, held, law, laws, iso, prediction, shapes, machine_line(cfg))
         title = f"Scaling study {study.study_name}"
         (Path(tmp) / "summary.md").write_text(report_markdown(title, paragraphs, tables, plots))
         (Path(tmp) / "summary.html").write_text(report_html(title, paragraphs, tables, plots))
@@ -100,10 +100,8 @@ def cost_text(study, results: list[Result], cfg: DictConfig, storage_text: str) 
     trials = [t for t in study.get_trials(deepcopy=False) if t.datetime_start and t.datetime_complete]
     span = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds() if trials else 0.0
     own = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials)
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (f"**machine**: {device_name(device)} ({platform.machine()}), torch {torch.__version__}, {torch.get_num_threads()} threads, precision "
-            f"{resolve_precision(cfg.train.precision, device)}. **cost**: {len(results)} runs, {sum(r.cell.steps for r in results):,} steps, "
+    return (f"**machine**: {machine_line(cfg)} ({platform.machine()}). **cost**: {len(results)} runs, {sum(r.cell.steps for r in results):,} steps, "
             f"{sum(r.flops for r in results):.3g} FLOPs; {span / 60:.1f} minutes from the first trial's start to the last one's end "
             f"({own / 60:.1f} minutes inside trials); load average when the report was written (1, 5, 15 min): {load}. storage: `{storage_text}`")
 
@@ -121,38 +119,52 @@ def design_text(plan: Plan, cfg: DictConfig) -> str:
             "non-embedding parameter count; D the tokens trained.")
 
 
-def agreement_text(iso: dict, law_a: float, law_b: float, iso_boot: dict, fpt_of, law: fits.Law, prediction: dict, n_range) -> str:
+def best_shape(law: fits.Law, budget: float, shapes: list[Size]) -> Size:
+    """The shape whose L(N, budget / its FLOPs per token) is lowest: the law's compute-optimal size among those it can name."""
+    return min(shapes, key=lambda shape: float(law.loss(shape.n, budget / shape.fpt)))
+
+
+def agreement_text(iso: dict, law_a: float, law_b: float, iso_boot: dict, law: fits.Law, prediction: dict, shapes: list[Size]) -> str:
     """Where the IsoFLOP and parametric fits agree on the compute-optimal size, and where not."""
-    c = prediction["budget"]
-    iso_n = iso["k_n"] * c ** iso["a"] if math.isfinite(iso["a"]) else math.nan
-    law_n = fits.law_optimum(law, c, fpt_of, n_range)
+    law_n = best_shape(law, prediction["budget"], shapes).n
     edge = [p for p in iso["parabolas"] if not p.interior]
-    return (f"**the two fits**: IsoFLOP N_opt ~ C^{iso['a']:.3f} ({LEVEL:.0%} {interval_text(iso_boot['a'])}), D_opt ~ C^{iso['b']:.3f} "
-            f"({interval_text(iso_boot['b'])}); the parametric law's optimum moves as N_opt ~ C^{law_a:.3f}, D_opt ~ C^{law_b:.3f}. At the held-out budget "
-            f"the IsoFLOP power law puts N_opt at {iso_n:,.0f} and the parametric law at {law_n:,.0f} ({law_n / iso_n if iso_n else math.nan:.2f}x); "
-            f"the shape trained there has N = {prediction['n']:,}. "
-            + (f"Parabolas whose minimum lies outside the sizes trained (an extrapolation): {', '.join(f'{p.budget:.3g}' for p in edge)}. " if edge else
-               "Every parabola's minimum lies inside the sizes trained. ")
-            + "Where the exponents differ by more than their intervals, the parabolas (three to five points each) and the five-constant law "
-            "read the same cells differently; the held-out run is the check.")
+    text = (f"**the two fits**: over the fitted budgets the parametric law's best shape grows as N_opt ~ C^{round(law_a, 3) + 0.0:.3f} and "
+            f"D_opt ~ C^{round(law_b, 3) + 0.0:.3f}")
+    if math.isfinite(iso["a"]) and len(iso_boot["a"]) > 1:
+        iso_n = iso["k_n"] * prediction["budget"] ** iso["a"]
+        low, high = fits.percentile_interval(iso_boot["a"], LEVEL)
+        agree = low <= law_a <= high
+        text += (f"; the IsoFLOP minima as N_opt ~ C^{iso['a']:.3f} ({LEVEL:.0%} {interval_text(iso_boot['a'])}) and D_opt ~ C^{iso['b']:.3f} "
+                 f"({interval_text(iso_boot['b'])}). The law's exponent lies {'inside' if agree else 'outside'} the IsoFLOP interval: the two fits "
+                 f"{'agree' if agree else 'disagree'} on how fast the optimal size grows. At the held-out budget the IsoFLOP power law puts N_opt at "
+                 f"{iso_n:,.0f} and the law at {law_n:,.0f} ({law_n / iso_n:.2f}x)")
+    else:
+        inside = sum(p.interior for p in iso["parabolas"])
+        text += (f"; the IsoFLOP minima give no power law: {inside} of {len(iso['parabolas'])} parabolas have their minimum inside the sizes "
+                 f"trained, and a line needs two. At the held-out budget the law puts N_opt at {law_n:,.0f}")
+    text += f"; the shape trained there has N = {prediction['n']:,} (the best of the shapes it could take). "
+    if edge:
+        return text + "Parabolas whose minimum lies outside the sizes trained, an extrapolation: " + ", ".join(f"{p.budget:.3g} FLOPs" for p in edge) + "."
+    return text + "Every parabola's minimum lies inside the sizes trained."
 
 
 def constants_table(law: fits.Law, laws: list[fits.Law], iso: dict, iso_boot: dict, law_a: float, law_b: float):
     rows = [[k, f"{v:.4g}", interval_text([b.as_dict()[k] for b in laws])] for k, v in law.as_dict().items()]
     rows += [["IsoFLOP a (N_opt ~ C^a)", f"{iso['a']:.4g}", interval_text(iso_boot["a"])], ["IsoFLOP b (D_opt ~ C^b)", f"{iso['b']:.4g}", interval_text(iso_boot["b"])],
-             ["law a (its N_opt over the budgets)", f"{law_a:.4g}", ""], ["law b", f"{law_b:.4g}", ""]]
+             ["law a (its best shape over the budgets)", f"{round(law_a, 4) + 0.0:.4g}", ""], ["law b", f"{round(law_b, 4) + 0.0:.4g}", ""]]
     return ["constant", "fit", f"{LEVEL:.0%} bootstrap interval"], rows, set()
 
 
-def optimum_table(iso: dict, budgets: list[float], law_n_opt: np.ndarray, fpt_of):
+def optimum_table(iso: dict, budgets: list[float], law_best: list[Size], shapes: list[Size]):
     by_budget = {p.budget: (p, d) for p, d in zip(iso["parabolas"], iso["d_opt"])}
     rows = []
-    for c, law_n in zip(budgets, law_n_opt):
+    for c, best in zip(budgets, law_best):
         p, d = by_budget.get(c, (None, math.nan))
-        law_d = c / fpt_of(law_n)
-        rows.append([f"{c:.3g}", f"{p.n_opt:,.0f}" + ("" if p.interior else " (outside)") if p else "", f"{d:,.0f}" if p else "",
-                     f"{law_n:,.0f}", f"{law_d:,.0f}", f"{law_d / law_n:.1f}"])
-    return ["budget (FLOPs)", "IsoFLOP N_opt", "IsoFLOP D_opt", "law N_opt", "law D_opt", "law D/N"], rows, set()
+        law_n, law_d = best.n, c / best.fpt
+        iso_n = ("no minimum" if not math.isfinite(p.n_opt) else f"{p.n_opt:,.0f}" + ("" if p.interior else " (outside the sizes)")) if p else ""
+        at_edge = " (the smallest shape)" if best is shapes[0] else " (the largest shape)" if best is shapes[-1] else ""
+        rows.append([f"{c:.3g}", iso_n, f"{d:,.0f}" if p and p.interior else "", f"{best.name}, {law_n:,}{at_edge}", f"{law_d:,.0f}", f"{law_d / law_n:.1f}"])
+    return ["budget (FLOPs)", "IsoFLOP N_opt", "IsoFLOP D_opt", "law's best shape, N", "law D_opt", "law D/N"], rows, set()
 
 
 def cells_table(results: list[Result], plan: Plan, law: fits.Law):
@@ -166,8 +178,8 @@ def cells_table(results: list[Result], plan: Plan, law: fits.Law):
     return header, rows, {i for i, row in enumerate(rows) if row[1] == HOLDOUT_STAGE}
 
 
-def save_plots(folder: Path, fitted: list[Result], held: list[Result], law: fits.Law, laws: list[fits.Law], iso: dict, fpt_of, prediction: dict,
-               n_range) -> list[Path]:
+def save_plots(folder: Path, fitted: list[Result], held: list[Result], law: fits.Law, laws: list[fits.Law], iso: dict, prediction: dict,
+               shapes: list[Size], machine: str) -> list[Path]:
     import matplotlib  # only here: a backend is chosen before pyplot is imported
 
     matplotlib.use("Agg")
@@ -181,10 +193,10 @@ def save_plots(folder: Path, fitted: list[Result], held: list[Result], law: fits
     for r in fitted:
         ax.scatter(r.flops, r.test_loss, color=colours[r.cell.size.name], s=22, label=r.cell.size.name)
     budgets = np.geomspace(min(r.flops for r in fitted) / 1.5, prediction["budget"] * 1.5, 60)
-    sizes = np.geomspace(*n_range, 800)
-    frontier = [law.loss(sizes, c / fpt_of(sizes)).min() for c in budgets]
-    band = np.array([[b.loss(sizes, c / fpt_of(sizes)).min() for c in budgets] for b in laws[:100]])
-    ax.plot(budgets, frontier, color="black", lw=1.2, label="law: best size at each C")
+    n, fpt = np.array([z.n for z in shapes], float), np.array([z.fpt for z in shapes])
+    frontier = [law.loss(n, c / fpt).min() for c in budgets]
+    band = np.array([[b.loss(n, c / fpt).min() for c in budgets] for b in laws[:100]])
+    ax.plot(budgets, frontier, color="black", lw=1.2, label="law: best shape at each C")
     ax.fill_between(budgets, *np.percentile(band, [5, 95], axis=0), color="grey", alpha=0.25, label=f"{LEVEL:.0%} bootstrap band")
     ax.errorbar([prediction["budget"]], [prediction["loss"]], yerr=[[prediction["loss"] - prediction["low"]], [prediction["high"] - prediction["loss"]]],
                 fmt="o", color="tab:red", capsize=4, label=f"predicted ({prediction['shape']})")
@@ -194,7 +206,7 @@ def save_plots(folder: Path, fitted: list[Result], held: list[Result], law: fits
     handles, labels = ax.get_legend_handles_labels()
     unique = dict(zip(labels, handles))
     ax.legend(unique.values(), unique.keys(), fontsize=7)
-    saved.append(save(figure, folder / "loss_vs_compute.png", plt))
+    saved.append(save(figure, folder / "loss_vs_compute.png", plt, machine))
 
     figure, ax = plt.subplots(figsize=(7, 4.5))  # IsoFLOP curves
     budget_colours = plt.cm.plasma(np.linspace(0, 0.8, max(1, len(iso["parabolas"]))))
@@ -203,13 +215,14 @@ def save_plots(folder: Path, fitted: list[Result], held: list[Result], law: fits
         ax.scatter([r.n for r in at], [r.test_loss for r in at], color=colour, s=22)
         grid = np.geomspace(p.n_range[0] / 1.5, p.n_range[1] * 1.5, 100)
         ax.plot(grid, p.loss(grid), color=colour, lw=1.2, label=f"C = {p.budget:.2g}: parabola")
-        ax.plot(grid, law.loss(grid, p.budget / fpt_of(grid)), color=colour, lw=1, ls="--")
-        if math.isfinite(p.n_opt):
+        at = sorted(at, key=lambda r: r.n)
+        ax.plot([r.n for r in at], [law.loss(r.n, r.tokens) for r in at], color=colour, lw=1, ls="--", marker="x", ms=4)
+        if p.interior:  # a minimum outside the sizes is the parabola's extrapolation: the table lists it
             ax.axvline(p.n_opt, color=colour, lw=0.8, ls=":")
     ax.plot([], [], color="grey", ls="--", label="parametric law")
-    ax.set(xscale="log", xlabel="non-embedding parameters N", ylabel="test loss (nats/token)", title="IsoFLOP curves (dotted: parabola minimum)")
+    ax.set(xscale="log", xlabel="non-embedding parameters N", ylabel="test loss (nats/token)", title="IsoFLOP curves (dotted: a minimum inside the sizes)")
     ax.legend(fontsize=7)
-    saved.append(save(figure, folder / "isoflop.png", plt))
+    saved.append(save(figure, folder / "isoflop.png", plt, machine))
 
     figure, ax = plt.subplots(figsize=(5, 5))  # predicted against actual
     ax.scatter([law.loss(r.n, r.tokens) for r in fitted], [r.test_loss for r in fitted], s=18, color="tab:blue", label="fitted cells (in sample)")
@@ -221,11 +234,18 @@ def save_plots(folder: Path, fitted: list[Result], held: list[Result], law: fits
     ax.plot([low, high], [low, high], color="black", lw=0.8)
     ax.set(xlabel="predicted test loss", ylabel="actual test loss", title="Predicted against actual")
     ax.legend(fontsize=7)
-    saved.append(save(figure, folder / "predicted_vs_actual.png", plt))
+    saved.append(save(figure, folder / "predicted_vs_actual.png", plt, machine))
     return saved
 
 
-def save(figure, path: Path, plt) -> Path:
+def machine_line(cfg: DictConfig) -> str:
+    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
+    return (f"{device_name(device)}, torch {torch.__version__}, {cfg.train.threads or torch.get_num_threads()} thread(s) per worker, "
+            f"{resolve_precision(cfg.train.precision, device)}")
+
+
+def save(figure, path: Path, plt, machine: str) -> Path:
+    figure.text(0.01, -0.02, f"measured on {machine}", fontsize=6, color="grey")  # every committed figure says where it was measured
     figure.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(figure)
     return path
