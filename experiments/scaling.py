@@ -6,8 +6,10 @@ A cell of budget C trains C / FLOPs per token tokens (accounting.flops_per_token
 size follows one rule, train.lr x sqrt(192 / width): the baseline's tuned 2e-3 at its width 192,
 higher for narrower models (between standard parametrisation, one lr for all, and muP's 1 / width).
 
-    python run.py exp=scaling sweep.report_dir=results/scaling     # the committed study, about 30 minutes on 2 CPU cores
-    python run.py exp=scaling scaling.seeds=2                      # two seeds per cell, in a new study (sweep.study_name=...)
+    python run.py exp=scaling sweep.report_dir=results/scaling train.threads=1   # the committed study: started twice, two workers
+    python run.py exp=scaling scaling.seeds=2 sweep.study_name=scaling-2seeds     # two seeds per cell, as a new study
+
+The committed study took 24 minutes on 2 busy CPU cores (results/scaling.md).
 """
 
 OVERRIDES = {
