@@ -136,6 +136,22 @@ RETIRED_SWEEP_KEYS = ("lr_min", "lr_max", "warmup_min", "warmup_max", "min_lr_ra
 
 
 @dataclass
+class ScalingConfig:
+    """exp=scaling (research/scaling.py): model shapes x compute budgets, a fitted law, and a held-out budget predicted before it is trained."""
+
+    sizes: list[str] = field(default_factory=list)  # model shapes WIDTHxDEPTH, e.g. 128x4 (head dim 16, kv heads about half the query heads)
+    budgets: list[float] = field(default_factory=list)  # training FLOPs of the fitted cells: each size trains budget / FLOPs per token tokens
+    seeds: int = 1  # seeds per fitted cell (seed, seed+1, ...)
+    holdout_factor: float = 4.0  # the held-out budget is this many times the largest fitted one (at least 4)
+    holdout_sizes: list[str] = field(default_factory=list)  # shapes beyond sizes that the held-out run may pick as its compute-optimal size
+    holdout_seeds: int = 1  # seeds of the held-out run; its actual loss is their mean
+    lr_width: int = 192  # the lr rule: train.lr at this width, train.lr * sqrt(lr_width / width) at another
+    warmup_share: float = 0.05  # warmup steps as a share of each cell's steps
+    max_epochs: float = 4.0  # no run may repeat the training split more often than this
+    bootstrap: int = 200  # bootstrap resamples of the cells behind every interval
+
+
+@dataclass
 class BenchConfig:
     steps: int = 5  # measured steps per candidate; medians are reported
     warmup_steps: int = 2  # steps per candidate run first and not counted (allocation, compilation)
@@ -163,6 +179,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
     bench: BenchConfig = field(default_factory=BenchConfig)
 
 

@@ -77,14 +77,20 @@ def run_sweep(cfg: DictConfig, space: dict[str, spaces.Dimension] | None = None)
     parent_run_id = open_parent_run(client, study, created, cfg, name, url, space)
     interrupted = True
     try:
-        while (trial := take_queued_trial(study, cfg, space, min(cfg.sweep.heartbeat_s, 5), console)) is not None:
-            run_trial(study, trial, cfg, space, client, parent_run_id, console)
-            gc.collect()  # the trial's model is unreachable now; free it before the next one is built
+        run_queued_trials(study, cfg, space, client, parent_run_id, console)
         summarise(study, cfg, registry.build(cfg.exp), space, parse(url).shown(), client, parent_run_id, console)
         interrupted = False
     finally:
         close_parent_run(client, parent_run_id, study, interrupted, console)
     return study
+
+
+def run_queued_trials(study: optuna.Study, cfg: DictConfig, space: dict[str, spaces.Dimension], client, parent_run_id: str | None,
+                      console: Console) -> None:
+    """Take and train queued trials until the study needs none (other workers' running trials waited for)."""
+    while (trial := take_queued_trial(study, cfg, space, min(cfg.sweep.heartbeat_s, 5), console)) is not None:
+        run_trial(study, trial, cfg, space, client, parent_run_id, console)
+        gc.collect()  # the trial's model is unreachable now; free it before the next one is built
 
 
 def refuse_torchrun() -> None:
@@ -147,8 +153,10 @@ def queue_plan(cfg: DictConfig, space: dict[str, spaces.Dimension], queued: int)
     return plan_
 
 
-def open_study(name: str, storage, pruner, cfg: DictConfig, space: dict[str, spaces.Dimension]) -> tuple[optuna.Study, bool]:
-    """Create or load the study, and queue its trials (`queue_plan`); (study, created here)."""
+def open_study(name: str, storage, pruner, cfg: DictConfig, space: dict[str, spaces.Dimension],
+               planned: list[tuple[dict, dict]] | None = None) -> tuple[optuna.Study, bool]:
+    """Create or load the study, and queue its trials: `queue_plan`'s, or the recipe's own list `planned` (those not queued yet);
+    (study, created here)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ExperimentalWarning)
         try:
@@ -160,7 +168,7 @@ def open_study(name: str, storage, pruner, cfg: DictConfig, space: dict[str, spa
         while QUEUED_ATTR not in study.user_attrs and time.monotonic() < deadline:
             time.sleep(0.2)
     queued = study.user_attrs.get(QUEUED_ATTR, 0)
-    searched = queue_plan(cfg, space, queued)
+    searched = queue_plan(cfg, space, queued) if planned is None else planned[queued:]
     for params, attrs in searched:
         study.enqueue_trial(params, user_attrs=attrs)
     if searched or not created:
