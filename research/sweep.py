@@ -9,9 +9,8 @@ on one storage share it.
 many trials (`study.enqueue_trial`), and every worker takes queued trials until none is left.
 Taking one is the storage's own compare-and-set from WAITING to RUNNING (what `study.ask` does
 with a queued trial), so any number of workers on SQLite, a journal file or PostgreSQL run
-exactly `n_trials` trials without a lock. We do not use `study.optimize`: it asks for a trial
-before it can know whether other workers have emptied the queue, and then creates a new one, so
-two workers finishing at the same moment ran one trial too many. Everything else is Optuna's:
+exactly `n_trials` trials without a lock (`study.optimize` asks before it can know that others emptied
+the queue, so two workers finishing together ran one trial too many). Everything else is Optuna's:
 the heartbeat thread of a running trial, failing the trials of dead workers
 (`fail_stale_trials`, on the storage's `grace_period`) and queueing them again
 (`RetryHeartbeatStaleTrialCallback`, up to `sweep.max_retries` times).
