@@ -52,8 +52,7 @@ def report(study, cfg: DictConfig, plan: Plan, results: list[Result], prediction
     shapes = plan.candidates  # the law's optimum is sought among the shapes, each with its own FLOPs per token
     budgets = sorted(set(budget.tolist()))
     law_best = [best_shape(law, c, shapes) for c in budgets]
-    law_a = fits.power_law(budgets, [z.n for z in law_best])[1]
-    law_b = fits.power_law(budgets, [c / z.fpt for c, z in zip(budgets, law_best)])[1]
+    law_a, law_b = law_exponents(law)  # the shapes are few and discrete: their best one moves in jumps, the law's exponents do not
     actual = statistics.fmean(r.test_loss for r in held) if held else math.nan
     covered = prediction["low"] <= actual <= prediction["high"]
     error_pct = 100.0 * (prediction["loss"] - actual) / actual
@@ -119,6 +118,12 @@ def design_text(plan: Plan, cfg: DictConfig) -> str:
             "non-embedding parameter count; D the tokens trained.")
 
 
+def law_exponents(law: fits.Law) -> tuple[float, float]:
+    """N_opt ~ C^a and D_opt ~ C^b of L(N, D) when C is proportional to N * D (Hoffmann et al. 2022): a = beta / (alpha + beta), b = 1 - a."""
+    a = law.beta / (law.alpha + law.beta)
+    return a, 1.0 - a
+
+
 def best_shape(law: fits.Law, budget: float, shapes: list[Size]) -> Size:
     """The shape whose L(N, budget / its FLOPs per token) is lowest: the law's compute-optimal size among those it can name."""
     return min(shapes, key=lambda shape: float(law.loss(shape.n, budget / shape.fpt)))
@@ -128,8 +133,8 @@ def agreement_text(iso: dict, law_a: float, law_b: float, iso_boot: dict, law: f
     """Where the IsoFLOP and parametric fits agree on the compute-optimal size, and where not."""
     law_n = best_shape(law, prediction["budget"], shapes).n
     edge = [p for p in iso["parabolas"] if not p.interior]
-    text = (f"**the two fits**: over the fitted budgets the parametric law's best shape grows as N_opt ~ C^{round(law_a, 3) + 0.0:.3f} and "
-            f"D_opt ~ C^{round(law_b, 3) + 0.0:.3f}")
+    text = (f"**the two fits**: the parametric law's optimum grows as N_opt ~ C^{law_a:.3f} and D_opt ~ C^{law_b:.3f} "
+            "(beta / (alpha + beta), taking C proportional to N x D; the 6400-token head makes C grow slower than N here)")
     if math.isfinite(iso["a"]) and len(iso_boot["a"]) > 1:
         iso_n = iso["k_n"] * prediction["budget"] ** iso["a"]
         low, high = fits.percentile_interval(iso_boot["a"], LEVEL)
@@ -151,7 +156,8 @@ def agreement_text(iso: dict, law_a: float, law_b: float, iso_boot: dict, law: f
 def constants_table(law: fits.Law, laws: list[fits.Law], iso: dict, iso_boot: dict, law_a: float, law_b: float):
     rows = [[k, f"{v:.4g}", interval_text([b.as_dict()[k] for b in laws])] for k, v in law.as_dict().items()]
     rows += [["IsoFLOP a (N_opt ~ C^a)", f"{iso['a']:.4g}", interval_text(iso_boot["a"])], ["IsoFLOP b (D_opt ~ C^b)", f"{iso['b']:.4g}", interval_text(iso_boot["b"])],
-             ["law a (its best shape over the budgets)", f"{round(law_a, 4) + 0.0:.4g}", ""], ["law b", f"{round(law_b, 4) + 0.0:.4g}", ""]]
+             ["law a = beta / (alpha + beta)", f"{law_a:.4g}", interval_text([law_exponents(b)[0] for b in laws])],
+             ["law b = alpha / (alpha + beta)", f"{law_b:.4g}", interval_text([law_exponents(b)[1] for b in laws])]]
     return ["constant", "fit", f"{LEVEL:.0%} bootstrap interval"], rows, set()
 
 
