@@ -212,10 +212,11 @@ def render(rows: list[dict], infos: dict[str, dict], load_before, load_after) ->
         "| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS),
     ]
     lines += ["| " + " | ".join(cells(row)) + " |" for row in rows]
-    builds = {(r["format"], r["workers"]): r["seconds"] for r in rows if r["mode"] == "build"}
-    ratios = [f"{builds[('parquet', w)] / builds[('jsonl', w)]:.2f} with {w} worker(s)" for f, w in builds if f == "jsonl" and ("parquet", w) in builds]
-    if ratios:
-        lines += ["", "Parquet build time / JSONL build time, the same text: " + ", ".join(ratios) + "."]
+    builds = {(r["format"], r["workers"]): r for r in rows if r["mode"] == "build"}
+    pairs = [(w, builds[("parquet", w)], builds[("jsonl", w)]) for f, w in builds if f == "jsonl" and ("parquet", w) in builds]
+    if pairs:  # CPU seconds too: on a machine shared with other work, wall time also measures the others
+        lines += ["", "Parquet / JSONL, the same text: " + ", ".join(f"{p['seconds'] / j['seconds']:.2f} of the time and {p['cpu_s'] / j['cpu_s']:.2f} "
+                                                                     f"of the CPU seconds with {w} worker(s)" for w, p, j in pairs) + "."]
     return "\n".join(lines) + "\n"
 
 
@@ -232,7 +233,7 @@ def write_report(path: Path, section: str, cores: int) -> None:
     """Add or replace this corpus size's section of the report, keeping the others."""
     title = section.splitlines()[0]
     old = path.read_text().split("\n## ")[1:] if path.exists() else []
-    sections = ["## " + s.rstrip("\n") + "\n" for s in old if not ("## " + s).startswith((title + "\n", title.removesuffix(", and as parquet") + "\n"))] + [section]
+    sections = ["## " + s.rstrip("\n") + "\n" for s in old if not ("## " + s).startswith(title + "\n")] + [section]
     header = (
         f"# Token cache build on {cpu_name()}, {cores} cores\n\n"
         "Each row ran in its own process, with torch imported as in training. `tokenizer(batch)` is the transformers call on "
