@@ -70,7 +70,7 @@ def measure(cfg: DictConfig, widths: list[int], seeds: int, steps: int) -> dict:
             print(f"coord check {parametrization} width {width}: logits {curves[parametrization][str(width)][-1][-1]:.3g} at step {steps}", flush=True)
     return {"curves": curves, "widths": widths, "seeds": seeds, "steps": steps, "layers": layer_names(cfg.model.num_hidden_layers),
             "lr": cfg.train.lr, "base_width": cfg.model.base_width, "torch": torch.__version__,
-            "device": f"{device_name(device)}" + (f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""),
+            "device": f"{device_name(device)}" + (f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""),
             "precision": resolve_precision(cfg.train.precision, device)}
 
 

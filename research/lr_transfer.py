@@ -178,6 +178,15 @@ def lr_text(o: dict) -> str:
     return f"{o['lr']:.2e} [{o['low']:.2e}, {o['high']:.2e}]"
 
 
+def transfer_text(widths: list[int], result: dict) -> str:
+    """The paired comparison at the largest width of the smallest width's best lr against its own; nothing to pair when they are one lr."""
+    small, large = result["optima"][0]["best_grid_lr"], result["optima"][-1]["best_grid_lr"]
+    if small == large:
+        return f"Width {widths[-1]}'s best grid lr is width {widths[0]}'s ({small:.2e}): the same runs, nothing to pair.\n"
+    return (f"Width {widths[-1]}, test loss at width {widths[0]}'s best grid lr ({small:.2e}) minus at its own ({large:.2e}), "
+            f"paired by seed: {result['paired'].summary()}\n")
+
+
 def report_markdown(title: str, setup: str, widths: list[int], analysis: dict, losses: dict) -> str:
     """The report: the optima table per parametrization, the paired comparison, the verdict, every grid point."""
     lines = [f"# {title}\n", setup + "\n", "![validation loss against lr per width](lr_transfer.png)\n"]
@@ -189,14 +198,15 @@ def report_markdown(title: str, setup: str, widths: list[int], analysis: dict, l
         lines += [f"| {w} | {o['best_grid_lr']:.2e} | {np.mean([v for v, _ in losses[parametrization][w][o['best_grid_lr']].values()]):.4f} "
                   f"| {lr_text(o)} | ×{s:.2f} |" for w, o, s in zip(widths, result["optima"], result["shift"])]
         lines += ["", f"Exponent a of lr* ~ width^-a: {a:.2f}, 95% bootstrap interval [{low:.2f}, {high:.2f}].\n",
-                  f"Width {widths[-1]}, test loss at width {widths[0]}'s best grid lr ({result['optima'][0]['best_grid_lr']:.2e}) minus at its own "
-                  f"({result['optima'][-1]['best_grid_lr']:.2e}), paired by seed: {result['paired'].summary()}\n",
-                  f"**Verdict ({name}):** {verdict(widths, result)}\n"]
+                  transfer_text(widths, result), f"**Verdict ({name}):** {verdict(widths, result)}\n"]
     if set(analysis) == set(PARAMETRIZATIONS):
         versus = mup_against_sp(widths, losses, analysis)
         lines += [f"## μP tuned at width {widths[0]} against SP tuned at width {widths[-1]}\n",
                   f"Width {widths[-1]}, test loss of μP at width {widths[0]}'s best grid lr ({analysis['mup']['optima'][0]['best_grid_lr']:.2e}) "
-                  f"minus SP at width {widths[-1]}'s own ({analysis['sp']['optima'][-1]['best_grid_lr']:.2e}), paired by seed: {versus.summary()}\n"]
+                  f"minus SP at width {widths[-1]}'s own ({analysis['sp']['optima'][-1]['best_grid_lr']:.2e}), paired by seed: {versus.summary()}\n",
+                  f"**Verdict (μP against SP):** at width {widths[-1]}, μP with the lr tuned at width {widths[0]} is "
+                  + {"better": "better than", "worse": "worse than"}.get(versus.verdict, "not distinguishable from")
+                  + f" SP tuned at width {widths[-1]} itself: a transferred lr is only worth as much as the loss it reaches.\n"]
     lines += ["## Every grid point (final validation loss / test loss per seed)\n", "| parametrization | width | lr | seeds: val / test |", "|---|---|---|---|"]
     for parametrization, by_width in losses.items():
         for width in widths:
