@@ -122,6 +122,13 @@ class ReadStats:
     first_problem: str = ""  # the error the first skipped line would have raised
     text_bytes: int = 0  # parquet: UTF-8 bytes of the text column read (JSONL counts the bytes of its blocks)
 
+    def bad(self, problem: str, skip_bad_lines: bool, count: int = 1) -> None:
+        """`count` bad lines (rows) described by `problem`: a UserError, or with skip_bad_lines counted and skipped."""
+        if not skip_bad_lines:
+            raise UserError(problem)
+        self.skipped_lines += count
+        self.first_problem = self.first_problem or problem
+
 
 def iter_documents(path: str | Path, text_key: str = "text", skip_bad_lines: bool = False, stats: ReadStats | None = None) -> Iterator[str]:
     """The text of each document of one .jsonl or .jsonl.gz file (gzip is told by its magic bytes) or .parquet file.
@@ -176,10 +183,7 @@ def block_documents(block: bytes, first_lineno: int, path: Path, text_key: str, 
             continue
         text, problem = _parse_line(raw, lineno, path, text_key)
         if problem:
-            if not skip_bad_lines:
-                raise UserError(problem)
-            stats.skipped_lines += 1
-            stats.first_problem = stats.first_problem or problem
+            stats.bad(problem, skip_bad_lines)
             continue
         stats.documents += 1
         yield text

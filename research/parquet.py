@@ -31,8 +31,7 @@ def open_parquet(path: Path):
     try:
         return pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"{path} is not a readable parquet file ({reason}); re-create or re-download it") from None
+        raise UserError(f"{path} is not a readable parquet file ({first_line(err)}); re-create or re-download it") from None
 
 
 def row_groups(path: Path, text_key: str) -> list[tuple[int, int]]:
@@ -62,27 +61,24 @@ def row_group_documents(path: Path, group: int, first_row: int, text_key: str, s
     try:
         column = open_parquet(path).read_row_group(group, columns=[text_key]).column(0)
     except (pa.ArrowException, OSError) as err:
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise UserError(f"{path}: row group {group} cannot be read ({reason}); re-create or re-download the file") from None
+        raise UserError(f"{path}: row group {group} cannot be read ({first_line(err)}); re-create or re-download the file") from None
     stats.text_bytes += _utf8_bytes(column)
     if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type) or pa.types.is_string_view(column.type)):
         problem = (f"column '{text_key}' of {path} holds {column.type}, not strings; set data.text_key to a string column {SKIP_HINT}")
-        _bad(len(column), problem, skip_bad_lines, stats)
+        stats.bad(problem, skip_bad_lines, len(column))
         return
     texts = column.to_pylist()
     if column.null_count:
         row = first_row + texts.index(None)
-        _bad(column.null_count, f"row {row} of {path}: '{text_key}' is null, not a string; drop or fill such rows {SKIP_HINT}", skip_bad_lines, stats)
+        stats.bad(f"row {row} of {path}: '{text_key}' is null, not a string; drop or fill such rows {SKIP_HINT}", skip_bad_lines, column.null_count)
         texts = [t for t in texts if t is not None]
     stats.documents += len(texts)
     yield from texts
 
 
-def _bad(count: int, problem: str, skip_bad_lines: bool, stats: Any) -> None:
-    if not skip_bad_lines:
-        raise UserError(problem)
-    stats.skipped_lines += count
-    stats.first_problem = stats.first_problem or problem
+def first_line(err: Exception) -> str:
+    """The first line of an error's message (pyarrow's run over several), or its type's name."""
+    return (str(err).strip().splitlines() or [type(err).__name__])[0]
 
 
 def _utf8_bytes(column) -> int:

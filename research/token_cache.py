@@ -158,11 +158,11 @@ def _write_tokens(tmp: Path, shards: list[Path], job: TokenizeJob, workers: int,
     return stats, n_tokens, jsonl_bytes
 
 
-def _blocks(shards: list[Path], job_text_key: str, block_bytes: int) -> Iterator[tuple[int, tuple[Path, int, bytes]]]:
+def _blocks(shards: list[Path], text_key: str, block_bytes: int) -> Iterator[tuple[int, tuple[Path, int, bytes]]]:
     """(bytes of the shard files read so far, (shard, start, block)) over all shards in order: see corpus.read_units."""
     before = 0
     for shard in shards:
-        for start, block, pos in read_units(shard, job_text_key, block_bytes):
+        for start, block, pos in read_units(shard, text_key, block_bytes):
             yield before + pos, (shard, start, block)
         before += shard.stat().st_size
 
