@@ -15,13 +15,12 @@ import math
 from pathlib import Path
 
 import numpy as np
-import torch
 from omegaconf import DictConfig
 
 from research import distributed
 from research.components import build
 from research.config import apply_overrides
-from research.hardware import device_name, resolve_precision
+from research.hardware import machine_summary
 
 PARAMETRIZATIONS = ("sp", "mup")
 
@@ -57,7 +56,6 @@ def record(cfg: DictConfig, steps: int) -> np.ndarray:
 
 def measure(cfg: DictConfig, widths: list[int], seeds: int, steps: int) -> dict:
     """{parametrization: {width: (steps, layers) means over seeds}} as nested lists, with what produced them."""
-    device = distributed.pick_device(cfg.train.device)
     curves = {}
     for parametrization in PARAMETRIZATIONS:
         curves[parametrization] = {}
@@ -69,9 +67,7 @@ def measure(cfg: DictConfig, widths: list[int], seeds: int, steps: int) -> dict:
             curves[parametrization][str(width)] = np.mean(runs, axis=0).tolist()
             print(f"coord check {parametrization} width {width}: logits {curves[parametrization][str(width)][-1][-1]:.3g} at step {steps}", flush=True)
     return {"curves": curves, "widths": widths, "seeds": seeds, "steps": steps, "layers": layer_names(cfg.model.num_hidden_layers),
-            "lr": cfg.train.lr, "base_width": cfg.model.base_width, "torch": torch.__version__,
-            "device": f"{device_name(device)}" + (f", {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""),
-            "precision": resolve_precision(cfg.train.precision, device)}
+            "lr": cfg.train.lr, "base_width": cfg.model.base_width, "machine": machine_summary(cfg.train)}
 
 
 def slopes(result: dict) -> dict[str, dict[str, float]]:
@@ -106,7 +102,7 @@ def plot(result: dict, path: Path) -> Path:
         axes[row][0].set_ylabel("mean |activation|")
     axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.suptitle(f"coordinate check: lr {result['lr']:g}, μP base width {result['base_width']}, mean of {result['seeds']} seeds; "
-                 f"{result['device']}, torch {result['torch']}, precision {result['precision']}", fontsize=8)
+                 f"{result['machine']}", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -121,7 +117,7 @@ def write_report(result: dict, out: Path) -> list[Path]:
     image = plot(result, out / "coord_check.png")
     lines = [f"# Coordinate check\n", f"Mean |activation| per layer during the first {result['steps']} steps at constant lr {result['lr']:g}, "
              f"widths {result['widths']}, μP base width {result['base_width']}, mean of {result['seeds']} seeds; "
-             f"{result['device']}, torch {result['torch']}, precision {result['precision']}.\n",
+             f"{result['machine']}.\n",
              "![coordinate check](coord_check.png)\n", f"Slope of log mean |x| against log width at step {result['steps']} "
              "(0 = flat across widths, 1 = grows like the width):\n", "| layer | SP | μP |", "|---|---|---|"]
     s = slopes(result)

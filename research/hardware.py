@@ -110,6 +110,15 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def machine_summary(train_cfg) -> str:
+    """Where runs of `train_cfg` train, for a study's report and plots: the device (with threads per run on CPU), torch, the precision."""
+    from research.distributed import pick_device
+
+    device = pick_device(train_cfg.device)
+    threads = f", {train_cfg.threads or usable_cores()} thread(s) per run" if device.type == "cpu" else ""
+    return f"{device_name(device)}{threads}, torch {torch.__version__}, precision {resolve_precision(train_cfg.precision, device)}"
+
+
 def threading_summary() -> str:
     """How this process's CPU kernels share the cores, for reports."""
     settings = [f"{name}={os.environ[name]}" for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME") if name in os.environ]

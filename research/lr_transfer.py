@@ -234,21 +234,10 @@ def minutes(study) -> tuple[float, object, object]:
             min(t.datetime_start for t in done), max(t.datetime_complete for t in done))
 
 
-def machine_text(cfg: DictConfig) -> str:
-    """Which machine, threads, torch and precision the runs trained with."""
-    import torch
-
-    from research import distributed
-    from research.hardware import device_name, resolve_precision, usable_cores
-
-    device = distributed.pick_device(cfg.train.device)
-    threads = f", threads per run: {cfg.train.threads or usable_cores()}" if device.type == "cpu" else ""
-    return f"{device_name(device)}{threads}, torch {torch.__version__}, precision {resolve_precision(cfg.train.precision, device)}"
-
-
 def run(cfg: DictConfig, widths: list[int], report_dir: str) -> dict:
     """Every study (resumed where it stopped), then the report in `report_dir` and an MLflow run holding it."""
     from research.config import resolve_path
+    from research.hardware import machine_summary
 
     losses: dict[str, dict[int, dict]] = {p: {} for p in PARAMETRIZATIONS}
     cost: dict[str, tuple] = {}
@@ -256,7 +245,7 @@ def run(cfg: DictConfig, widths: list[int], report_dir: str) -> dict:
         for width in widths:
             losses[parametrization][width] = bracketed(study_config(cfg, parametrization, width), cost)
     analysis = analyse(widths, losses, cfg.seed)
-    machine = machine_text(cfg)
+    machine = machine_summary(cfg.train)
     setup = (f"Widths {widths} ({cfg.model.num_hidden_layers} layers, {cfg.model.num_attention_heads} heads), μP base width "
              f"{cfg.model.base_width}; {cfg.train.max_steps} steps of {cfg.train.batch_size} x {cfg.data.seq_len} tokens, warmup "
              f"{cfg.train.warmup_steps}, cosine to lr x {cfg.train.min_lr_ratio}; lr grid of `exp={cfg.exp}`'s SEARCH_SPACE at "

@@ -17,12 +17,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from mlflow.entities import Metric, RunTag
 from omegaconf import DictConfig
 
 from research import scaling_fit as fits
-from research.hardware import device_name, resolve_precision
+from research.hardware import machine_summary
 from research.scaling_plan import FIT_STAGE, HOLDOUT_STAGE, LEVEL, Plan, Result, Size
 from research.sweep_report import publish, report_folders, report_html, report_markdown
 
@@ -76,7 +75,7 @@ def report(study, cfg: DictConfig, plan: Plan, results: list[Result], prediction
               cells_table(results, plan, law)]
     console.print("\n\n".join(paragraphs[2:4]))
     with tempfile.TemporaryDirectory() as tmp:
-        plots = save_plots(Path(tmp), fitted, held, law, laws, iso, prediction, shapes, machine_line(cfg))
+        plots = save_plots(Path(tmp), fitted, held, law, laws, iso, prediction, shapes, machine_summary(cfg.train))
         title = f"Scaling study {study.study_name}"
         (Path(tmp) / "summary.md").write_text(report_markdown(title, paragraphs, tables, plots))
         (Path(tmp) / "summary.html").write_text(report_html(title, paragraphs, tables, plots))
@@ -100,7 +99,7 @@ def cost_text(study, results: list[Result], cfg: DictConfig, storage_text: str) 
     span = (max(t.datetime_complete for t in trials) - min(t.datetime_start for t in trials)).total_seconds() if trials else 0.0
     own = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in trials)
     load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (f"**machine**: {machine_line(cfg)} ({platform.machine()}). **cost**: {len(results)} runs, {sum(r.cell.steps for r in results):,} steps, "
+    return (f"**machine**: {machine_summary(cfg.train)} ({platform.machine()}). **cost**: {len(results)} runs, {sum(r.cell.steps for r in results):,} steps, "
             f"{sum(r.flops for r in results):.3g} FLOPs; {span / 60:.1f} minutes from the first trial's start to the last one's end "
             f"({own / 60:.1f} minutes inside trials); load average when the report was written (1, 5, 15 min): {load}. storage: `{storage_text}`")
 
@@ -242,12 +241,6 @@ def save_plots(folder: Path, fitted: list[Result], held: list[Result], law: fits
     ax.legend(fontsize=7)
     saved.append(save(figure, folder / "predicted_vs_actual.png", plt, machine))
     return saved
-
-
-def machine_line(cfg: DictConfig) -> str:
-    device = torch.device("cuda" if torch.cuda.is_available() and cfg.train.device != "cpu" else "cpu")
-    return (f"{device_name(device)}, torch {torch.__version__}, {cfg.train.threads or torch.get_num_threads()} thread(s) per worker, "
-            f"{resolve_precision(cfg.train.precision, device)}")
 
 
 def save(figure, path: Path, plt, machine: str) -> Path:
