@@ -52,13 +52,6 @@ def eval_sums(model: torch.nn.Module, ds, train_cfg, device: torch.device, amp: 
     return torch.stack([total.double(), count.double(), n_bytes])
 
 
-def evaluate(model: torch.nn.Module, val_ds, train_cfg, device: torch.device, amp: Callable[[], Any], env: distributed.DistEnv | None = None,
-             max_batches: int | None = None) -> float:
-    """Mean masked loss (nats per target token) over the first `max_batches` batches of `val_ds`: see eval_sums."""
-    total, count, _ = eval_sums(model, val_ds, train_cfg, device, amp, env, max_batches).float()
-    return (total / count.clamp(min=1)).item()
-
-
 def evaluate_sets(model: torch.nn.Module, sets: dict[str, Any], split: str, train_cfg, device: torch.device, amp: Callable[[], Any],
                   env: distributed.DistEnv | None, token_bytes: torch.Tensor, max_batches: int | None = None) -> dict[str, float]:
     """{split/loss, split/bpb} over every set's batches together, and split/loss/<name>, split/bpb/<name> per set when there are several."""
